@@ -1,0 +1,261 @@
+"""COMM model configuration.
+
+COMM ("From CLIP to DINO: Visual Encoders Shout in Multi-modal Large Language Models", Jiang et al. 2023,
+arXiv 2310.08825) feeds a LLaVA-style LLM with the multi-level merged patch tokens of CLIP and DINOv2:
+
+    v1 = sum_i alpha_i * Linear_i(LN_i(z1_i))     (CLIP, layers 1-24)
+    v2 = sum_j beta_j  * Linear_j(LN_j(z2_j))     (DINOv2, layers 19-24)
+    visual_tokens = Linear(concat(v1, MLP(v2)))
+
+The defaults reproduce that model. Every encoder (primary `vision_config`, optional `secondary_vision_config`) has
+its own layer list, multi-level-merge (MFM) strategy and aligner, so the same class covers the paper's encoder study
+(any single encoder at any layer or layer mix) and plain LLaVA-1.5 (one CLIP encoder, penultimate layer, identity
+aligner, 2-layer MLP projector).
+
+Layer indices follow `hidden_states` of transformers' vision models: 0 is the embedding output and `i` (1..N) is the
+output of transformer layer `i`; negative indices count from the end (-1 is the last layer, -2 the penultimate).
+"""
+
+from dataclasses import field
+
+from transformers import AutoConfig, PretrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
+
+MERGE_STRATEGIES = ("single", "mean", "layerscale", "lln_layerscale", "conv_layerscale")
+ALIGNERS = ("identity", "linear", "mlp")
+FEATURE_SELECT_STRATEGIES = ("default", "full")
+
+# ViT-L/14 at 336 px, the size of both COMM encoders (24 layers, width 1024, 24x24 = 576 patches).
+_VIT_L_14_336 = {
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "patch_size": 14,
+    "image_size": 336,
+}
+_CLIP_DEFAULTS = {**_VIT_L_14_336, "projection_dim": 768}
+_DINOV2_DEFAULTS = {"model_type": "dinov2", **_VIT_L_14_336, "mlp_ratio": 4, "layerscale_value": 1.0}
+
+# Per-family pixel statistics, used to re-normalise the primary encoder's pixels for the secondary encoder.
+_PIXEL_STATS = {
+    "clip_vision_model": (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
+    "siglip_vision_model": ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5]),
+}
+
+
+def default_pixel_stats(model_type: str) -> tuple[list[float], list[float]]:
+    """Mean/std a family's image processor normalises with (ImageNet for DINOv2, MAE, DeiT, ViT and unknown)."""
+    mean, std = _PIXEL_STATS.get(model_type, (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
+    return list(mean), list(std)
+
+
+def resolve_layers(layers: int | list[int], num_layers: int, field_name: str) -> list[int]:
+    """Turns a layer index or list (negative allowed) into sorted-as-given, non-negative `hidden_states` indices.
+
+    Raises:
+        ValueError: empty list, duplicates, or an index outside `[-(num_layers + 1), num_layers]`.
+    """
+    layer_list = [layers] if isinstance(layers, int) else list(layers)
+    if not layer_list:
+        raise ValueError(f"`{field_name}` is empty: give at least one layer index in 0..{num_layers}.")
+    resolved = []
+    for layer in layer_list:
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise ValueError(f"`{field_name}` must hold integers, got {layer!r}.")
+        if not -(num_layers + 1) <= layer <= num_layers:
+            raise ValueError(
+                f"`{field_name}` has layer {layer}, outside the encoder: it has {num_layers} layers, so valid "
+                f"indices are 0..{num_layers} (0 = embeddings) or -{num_layers + 1}..-1."
+            )
+        resolved.append(layer % (num_layers + 1))
+    if len(set(resolved)) != len(resolved):
+        raise ValueError(f"`{field_name}` lists a layer twice: {layer_list}.")
+    return resolved
+
+
+def patch_grid(vision_config: PretrainedConfig) -> int:
+    """Side of the square patch grid an encoder produces (image_size // patch_size)."""
+    image_size, patch_size = vision_config.image_size, vision_config.patch_size
+    image_size = image_size[0] if isinstance(image_size, (list, tuple)) else image_size
+    patch_size = patch_size[0] if isinstance(patch_size, (list, tuple)) else patch_size
+    return image_size // patch_size
+
+
+class CommConfig(PretrainedConfig):
+    r"""
+    Configuration of [`CommForConditionalGeneration`]. Defaults give COMM-7B's architecture (CLIP ViT-L/14-336 and
+    DINOv2 ViT-L/14 at 336 px, Vicuna/Llama LLM).
+
+    Args:
+        vision_config (`dict` or `PretrainedConfig`, *optional*):
+            Primary vision encoder (any transformers vision model returning hidden states). Defaults to CLIP ViT-L/14-336.
+        secondary_vision_config (`dict`, `PretrainedConfig` or `None`, *optional*):
+            Second encoder, concatenated channel-wise after its own merge and aligner. Defaults to DINOv2 ViT-L/14 at
+            336 px; pass `None` for a single-encoder model.
+        text_config (`dict` or `PretrainedConfig`, *optional*): any causal LM config. Defaults to Llama.
+        image_token_index (`int`): id of the image placeholder token.
+        image_seq_length (`int`, *optional*): visual tokens per image; derived from the patch grid when `None`.
+        vision_feature_layer (`int` or `list[int]`): `hidden_states` indices of the primary encoder fed to the merge.
+        vision_feature_merge (`str`): one of `MERGE_STRATEGIES` for the primary encoder.
+        vision_aligner (`str`): one of `ALIGNERS` applied after the primary merge (`identity` for CLIP in COMM).
+        vision_aligner_depth (`int`): number of linear layers of the `mlp` aligner (>= 1).
+        vision_aligner_ratio (`int`): hidden width of the `mlp` aligner as a multiple of its input width.
+        vision_image_mean, vision_image_std (`list[float]`, *optional*): the pixel statistics `pixel_values` arrive
+            normalised with (the primary encoder's image processor); defaults per encoder family.
+        secondary_vision_*: the same fields for the secondary encoder (defaults: DINOv2 layers 19-24,
+            LLN-Layerscale, 2-layer MLP with ratio 8, ImageNet statistics).
+        merge_hidden_size (`int`, *optional*): output width of the LLN/Conv per-layer modules; encoder width if `None`.
+        merge_conv_kernel_size (`int`): kernel of the per-layer convolution of `conv_layerscale` (odd; default 3, our
+            choice: the paper does not give it).
+        aligner_hidden_act (`str`): activation of the `mlp` aligners (GELU, as the paper).
+        vision_feature_select_strategy (`str`): `default` drops CLS/distillation/register tokens, `full` keeps them.
+        projector_depth (`int`): linear layers of the projector to the LLM width (1 = COMM's linear, 2 = LLaVA-1.5).
+        projector_hidden_act (`str`): activation between projector layers.
+        multimodal_projector_bias (`bool`): bias in projector layers.
+    """
+
+    model_type = "comm"
+    attribute_map = {"image_token_id": "image_token_index"}
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(
+            config_class=AutoConfig, model_type="clip_vision_model", init_kwargs=_CLIP_DEFAULTS
+        ),
+        "secondary_vision_config": SubConfigSpec(config_class=AutoConfig, model_type="dinov2", optional=True),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+    }
+
+    vision_config: dict | PretrainedConfig | None = None
+    secondary_vision_config: dict | PretrainedConfig | None = field(default_factory=lambda: dict(_DINOV2_DEFAULTS))
+    text_config: dict | PretrainedConfig | None = None
+    image_token_index: int = 32000
+    image_seq_length: int | None = None
+    vision_feature_layer: int | list[int] = field(default_factory=lambda: list(range(1, 25)))
+    vision_feature_merge: str = "lln_layerscale"
+    vision_aligner: str = "identity"
+    vision_aligner_depth: int = 2
+    vision_aligner_ratio: int = 8
+    vision_image_mean: list[float] | None = None
+    vision_image_std: list[float] | None = None
+    secondary_vision_feature_layer: int | list[int] = field(default_factory=lambda: list(range(19, 25)))
+    secondary_vision_feature_merge: str = "lln_layerscale"
+    secondary_vision_aligner: str = "mlp"
+    secondary_vision_aligner_depth: int = 2
+    secondary_vision_aligner_ratio: int = 8
+    secondary_vision_image_mean: list[float] | None = None
+    secondary_vision_image_std: list[float] | None = None
+    merge_hidden_size: int | None = None
+    merge_conv_kernel_size: int = 3
+    aligner_hidden_act: str = "gelu"
+    vision_feature_select_strategy: str = "default"
+    projector_depth: int = 1
+    projector_hidden_act: str = "gelu"
+    multimodal_projector_bias: bool = True
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
+            self.tie_word_embeddings = self.text_config.tie_word_embeddings
+        self._validate_branches()
+
+    @property
+    def encoder_prefixes(self) -> list[str]:
+        """Field prefixes of the configured encoders: `["vision"]` or `["vision", "secondary_vision"]`."""
+        return ["vision"] if self.secondary_vision_config is None else ["vision", "secondary_vision"]
+
+    def branch(self, prefix: str) -> dict:
+        """Settings of one encoder's branch (`prefix` in `encoder_prefixes`), layer indices resolved."""
+        vision_config = getattr(self, f"{prefix}_config")
+        return {
+            "vision_config": vision_config,
+            "layers": resolve_layers(
+                getattr(self, f"{prefix}_feature_layer"), vision_config.num_hidden_layers, f"{prefix}_feature_layer"
+            ),
+            "merge": getattr(self, f"{prefix}_feature_merge"),
+            "aligner": getattr(self, f"{prefix}_aligner"),
+            "aligner_depth": getattr(self, f"{prefix}_aligner_depth"),
+            "aligner_ratio": getattr(self, f"{prefix}_aligner_ratio"),
+            "image_mean": getattr(self, f"{prefix}_image_mean"),
+            "image_std": getattr(self, f"{prefix}_image_std"),
+        }
+
+    def _validate_branches(self) -> None:
+        if self.vision_feature_select_strategy not in FEATURE_SELECT_STRATEGIES:
+            raise ValueError(
+                f"`vision_feature_select_strategy`={self.vision_feature_select_strategy!r} is unknown; "
+                f"allowed: {FEATURE_SELECT_STRATEGIES}."
+            )
+        _check_positive_int("projector_depth", self.projector_depth)
+        if self.merge_hidden_size is not None:
+            _check_positive_int("merge_hidden_size", self.merge_hidden_size)
+        _check_positive_int("merge_conv_kernel_size", self.merge_conv_kernel_size)
+        if self.merge_conv_kernel_size % 2 == 0:
+            raise ValueError(
+                f"`merge_conv_kernel_size` must be odd so the patch grid keeps its size, got {self.merge_conv_kernel_size}."
+            )
+        grids = {}
+        for prefix in self.encoder_prefixes:
+            vision_config = getattr(self, f"{prefix}_config")
+            for attr in ("hidden_size", "num_hidden_layers", "image_size", "patch_size"):
+                if getattr(vision_config, attr, None) is None:
+                    raise ValueError(
+                        f"`{prefix}_config` ({vision_config.model_type}) has no `{attr}`: COMM needs a ViT-style "
+                        "encoder with a square patch grid."
+                    )
+            if vision_config.model_type == "vit_mae" and vision_config.mask_ratio != 0.0:
+                logger.info(f"`{prefix}_config`: MAE masking is disabled (mask_ratio 0) for feature extraction.")
+                vision_config.mask_ratio = 0.0
+            branch = self.branch(prefix)  # validates the layer list
+            if branch["merge"] not in MERGE_STRATEGIES:
+                raise ValueError(
+                    f"`{prefix}_feature_merge`={branch['merge']!r} is unknown; allowed: {MERGE_STRATEGIES}."
+                )
+            if branch["merge"] == "single" and len(branch["layers"]) != 1:
+                raise ValueError(
+                    f"`{prefix}_feature_merge`='single' takes exactly one layer, but `{prefix}_feature_layer` has "
+                    f"{len(branch['layers'])}; use 'mean', 'layerscale', 'lln_layerscale' or 'conv_layerscale' to "
+                    "merge several."
+                )
+            if branch["aligner"] not in ALIGNERS:
+                raise ValueError(f"`{prefix}_aligner`={branch['aligner']!r} is unknown; allowed: {ALIGNERS}.")
+            _check_positive_int(f"{prefix}_aligner_depth", branch["aligner_depth"])
+            _check_positive_int(f"{prefix}_aligner_ratio", branch["aligner_ratio"])
+            mean, std = default_pixel_stats(vision_config.model_type)
+            for stat, default in (("mean", mean), ("std", std)):
+                name = f"{prefix}_image_{stat}"
+                value = getattr(self, name)
+                if value is None:
+                    setattr(self, name, default)
+                elif len(value) != 3 or (stat == "std" and any(s <= 0 for s in value)):
+                    raise ValueError(f"`{name}` must be 3 per-channel values (std > 0), got {value}.")
+            grids[prefix] = patch_grid(vision_config)
+        if len(set(grids.values())) > 1:
+            raise ValueError(
+                "The encoders' patch grids must match to concatenate their tokens, got "
+                + ", ".join(f"{p}_config: {g}x{g}" for p, g in grids.items())
+                + ". Set `image_size`/`patch_size` so image_size // patch_size is equal."
+            )
+        expected = grids["vision"] ** 2
+        if self.vision_feature_select_strategy == "full":
+            expected = None  # prefix tokens kept: the count depends on the encoder; checked at run time
+        if self.image_seq_length is None:
+            self.image_seq_length = expected
+        elif expected is not None and self.image_seq_length != expected:
+            raise ValueError(
+                f"`image_seq_length`={self.image_seq_length} does not match the encoder's {grids['vision']}x"
+                f"{grids['vision']} patch grid ({expected} tokens); leave it unset to derive it."
+            )
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+
+
+__all__ = ["CommConfig", "MERGE_STRATEGIES", "ALIGNERS"]

@@ -1,0 +1,119 @@
+"""Tiny, random-weight, fully offline checkpoints for tests, demos and benchmarks.
+
+Nothing here touches the network: the tokenizer is a byte-level BPE trained in memory on a few sentences and the
+models are built from configs. `build_tiny_comm(...)` gives a COMM model (CLIP + DINOv2, multi-level merging),
+`build_tiny_comm(..., layout="llava")` the LLaVA-equivalent configuration, and `build_tiny_llava(...)` transformers'
+own `LlavaForConditionalGeneration` with the same sizes, for parity checks.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+
+IMAGE_TOKEN = "<image>"
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
+
+# Vicuna-v1 style conversation ("USER: ... ASSISTANT: ...</s>") as used by LLaVA-1.5, COMM (Vicuna-7B) and M3.
+# Content may be a string or a list of {"type": "image"} / {"type": "text", "text": ...} parts.
+CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+    "{% set messages = messages[1:] %}{% else %}"
+    "{% set system = 'A chat between a curious human and an artificial intelligence assistant.' %}{% endif %}"
+    "{% if system is not string %}{% set system = system[0]['text'] %}{% endif %}"
+    "{{ bos_token }}{{ system }} "
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image>\n{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{% if message['role'] == 'user' %} {% else %}{% generation %}{{ eos_token }}{% endgeneration %}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+_CORPUS = [
+    "A chat between a curious human and an artificial intelligence assistant.",
+    "USER: What is in the image? ASSISTANT: A red square on a blue background.",
+    "USER: Where is the cat? ASSISTANT: The cat is at [0.120,0.305,0.451,0.622].",
+    "Describe the image briefly. There is a dog, a person and a car in the picture.",
+    "Is there a bottle in the image? Answer yes or no. yes no",
+    "0123456789 [ ] , . ? ! : ; ( ) - the a an of in on at to is are",
+]
+
+
+def build_tiny_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
+    """Trains a byte-level BPE tokenizer in memory (no download) and attaches the chat template.
+
+    Args:
+        vocab_size (`int`): target vocabulary size, special tokens included (ids 0-4 are `SPECIAL_TOKENS`).
+    """
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(_CORPUS, trainer=trainer)
+    bpe.post_processor = processors.ByteLevel(trim_offsets=False)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        padding_side="left",
+        chat_template=CHAT_TEMPLATE,
+    )
+    return tokenizer
+
+
+def tiny_text_config(vocab_size: int, hidden_size: int = 64, num_layers: int = 2, **overrides: Any) -> dict:
+    """A tiny Llama text config (dict form), the LLM family of LLaVA-1.5/COMM/M3 (Vicuna)."""
+    cfg = {
+        "model_type": "llama",
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "intermediate_size": hidden_size * 2,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "pad_token_id": 3,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+    cfg.update(overrides)
+    return cfg
+
+
+def tiny_vision_config(model_type: str = "clip_vision_model", **overrides: Any) -> dict:
+    """A tiny ViT config of any supported encoder family: 4 layers, width 32, 28 px with patch 7 (a 4x4 grid)."""
+    cfg = {
+        "model_type": model_type,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "image_size": 28,
+        "patch_size": 7,
+    }
+    if model_type == "vit_mae":
+        cfg["mask_ratio"] = 0.0
+    cfg.update(overrides)
+    return cfg
+
+
+def save_tiny_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerFast:
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.save_pretrained(path)
+    return tokenizer
