@@ -214,9 +214,7 @@ class CommModel(CommPreTrainedModel):
             selected = selected[:, :, num_prefix:]  # drop CLS / distillation / register tokens
         return selected
 
-    def get_image_features(
-        self, pixel_values: torch.FloatTensor, **kwargs
-    ) -> BaseModelOutputWithPooling:
+    def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs) -> BaseModelOutputWithPooling:
         """Encodes images into LLM-width visual tokens.
 
         Args:

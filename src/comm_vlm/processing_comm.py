@@ -349,7 +349,9 @@ class CommProcessor(ProcessorMixin):
         self.image_token = image_token
         self.image_token_id = token_id
 
-    def prepare_inputs_layout(self, images: Any = None, text: Any = None, videos: Any = None, audio: Any = None, **kwargs):
+    def prepare_inputs_layout(
+        self, images: Any = None, text: Any = None, videos: Any = None, audio: Any = None, **kwargs
+    ):
         """Converts every image with `load_image`, then defers to `ProcessorMixin.prepare_inputs_layout`."""
         if images is not None:
             images = _load_images(images)

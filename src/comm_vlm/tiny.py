@@ -17,6 +17,7 @@ from transformers import PreTrainedTokenizerFast
 
 IMAGE_TOKEN = "<image>"
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
+IMAGE_TOKEN_ID = SPECIAL_TOKENS.index(IMAGE_TOKEN)
 
 # Vicuna-v1 style conversation ("USER: ... ASSISTANT: ...</s>") as used by LLaVA-1.5, COMM (Vicuna-7B) and M3.
 # Content may be a string or a list of {"type": "image"} / {"type": "text", "text": ...} parts.
@@ -117,3 +118,86 @@ def save_tiny_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerFast:
     tokenizer = build_tiny_tokenizer()
     tokenizer.save_pretrained(path)
     return tokenizer
+
+
+def tiny_comm_config(layout: str = "comm", vocab_size: int = 320, **overrides: Any):
+    """A tiny `CommConfig`.
+
+    Args:
+        layout (`str`): `"comm"` (CLIP all layers LLN-Layerscale + DINOv2 last half LLN-Layerscale + MLP, linear
+            projector: COMM's architecture at toy size) or `"llava"` (one CLIP encoder, penultimate layer, identity
+            aligner, 2-layer MLP projector: LLaVA-1.5's architecture).
+        overrides: any `CommConfig` field.
+    """
+    from .configuration_comm import CommConfig
+
+    if layout == "comm":
+        fields: dict[str, Any] = {
+            "vision_config": tiny_vision_config("clip_vision_model"),
+            "secondary_vision_config": tiny_vision_config("dinov2"),
+            "vision_feature_layer": [1, 2, 3, 4],
+            "secondary_vision_feature_layer": [3, 4],
+        }
+    elif layout == "llava":
+        fields = {
+            "vision_config": tiny_vision_config("clip_vision_model"),
+            "secondary_vision_config": None,
+            "vision_feature_layer": -2,
+            "vision_feature_merge": "single",
+            "vision_aligner": "identity",
+            "projector_depth": 2,
+        }
+    else:
+        raise ValueError(f"Unknown layout {layout!r}; use 'comm' or 'llava'.")
+    fields.update(text_config=tiny_text_config(vocab_size), image_token_index=IMAGE_TOKEN_ID)
+    fields.update(overrides)
+    return CommConfig(**fields)
+
+
+def tiny_llava_config(vocab_size: int = 320, **overrides: Any):
+    """transformers' `LlavaConfig` with the sizes of `tiny_comm_config("llava")`."""
+    from transformers import LlavaConfig
+
+    vision = tiny_vision_config("clip_vision_model")
+    fields: dict[str, Any] = {
+        "vision_config": vision,
+        "text_config": tiny_text_config(vocab_size),
+        "image_token_index": IMAGE_TOKEN_ID,
+        "vision_feature_layer": -2,
+        "image_seq_length": (vision["image_size"] // vision["patch_size"]) ** 2,
+    }
+    fields.update(overrides)
+    return LlavaConfig(**fields)
+
+
+def tiny_image_processor(image_size: int = 28):
+    """A CLIP image processor (resize + center crop + CLIP normalisation) at `image_size` (the PIL backend when
+    torchvision is not installed, as here: torchvision stays optional)."""
+    import importlib.util
+
+    if importlib.util.find_spec("torchvision") is not None:
+        from transformers import CLIPImageProcessor as processor_class
+    else:
+        from transformers import CLIPImageProcessorPil as processor_class
+    return processor_class(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+
+
+def build_tiny_checkpoint(path: str | os.PathLike, layout: str = "comm", seed: int = 0, **overrides: Any):
+    """Builds a random tiny model + processor and saves both to `path` (safetensors). Returns `(model, processor)`."""
+    import torch
+
+    from .modeling_comm import CommForConditionalGeneration
+    from .processing_comm import CommProcessor
+
+    torch.manual_seed(seed)
+    config = tiny_comm_config(layout, **overrides)
+    model = CommForConditionalGeneration(config).eval()
+    processor = CommProcessor(
+        image_processor=tiny_image_processor(config.vision_config.image_size),
+        tokenizer=build_tiny_tokenizer(),
+        num_image_tokens=config.image_seq_length,
+        chat_template=CHAT_TEMPLATE,
+    )
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return model, processor
