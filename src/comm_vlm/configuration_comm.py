@@ -94,7 +94,8 @@ class CommConfig(PretrainedConfig):
 
     Args:
         vision_config (`dict` or `PretrainedConfig`, *optional*):
-            Primary vision encoder (any transformers vision model returning hidden states). Defaults to CLIP ViT-L/14-336.
+            Primary vision encoder (any transformers vision model returning hidden states). Defaults to CLIP
+            ViT-L/14-336.
         secondary_vision_config (`dict`, `PretrainedConfig` or `None`, *optional*):
             Second encoder, concatenated channel-wise after its own merge and aligner. Defaults to DINOv2 ViT-L/14 at
             336 px; pass `None` for a single-encoder model.
@@ -197,7 +198,8 @@ class CommConfig(PretrainedConfig):
         _check_positive_int("merge_conv_kernel_size", self.merge_conv_kernel_size)
         if self.merge_conv_kernel_size % 2 == 0:
             raise ValueError(
-                f"`merge_conv_kernel_size` must be odd so the patch grid keeps its size, got {self.merge_conv_kernel_size}."
+                "`merge_conv_kernel_size` must be odd so the patch grid keeps its size, got "
+                f"{self.merge_conv_kernel_size}."
             )
         grids = {}
         for prefix in self.encoder_prefixes:

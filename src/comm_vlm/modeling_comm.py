@@ -36,7 +36,7 @@ logger = logging.get_logger(__name__)
 
 @dataclass
 class CommModelOutputWithPast(LlavaModelOutputWithPast):
-    """[`CommModel`] outputs; `image_hidden_states` is `(num_image_tokens_total, hidden_size)` when images were given."""
+    """[`CommModel`] outputs; `image_hidden_states` is `(total_image_tokens, hidden_size)` when images were given."""
 
 
 @dataclass
