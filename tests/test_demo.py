@@ -1,0 +1,36 @@
+"""The README's main job and `pipeline("image-text-to-text")` on a tiny offline checkpoint."""
+
+import numpy as np
+import pytest
+from PIL import Image
+from transformers import pipeline
+
+from comm_vlm.cli import main, run_demo
+from comm_vlm.tiny import build_tiny_checkpoint
+
+
+@pytest.mark.parametrize("layout", ["comm", "llava"])
+def test_demo_round_trips_and_answers(tmp_path, layout):
+    result = run_demo(tmp_path / "demo", layout=layout)
+    assert result["reload_max_abs_logit_diff"] == 0.0
+    assert "model.safetensors" in result["files"] and "processor_config.json" in result["files"]
+    assert result["visual_tokens_per_image"] == 16
+    assert isinstance(result["answer"], str)
+
+
+def test_cli_exit_code(tmp_path, capsys):
+    assert main(["demo", "--output-dir", str(tmp_path / "cli")]) == 0
+    assert "reload_max_abs_logit_diff  0.0" in capsys.readouterr().out
+
+
+def test_pipeline_generates_like_model_generate(tmp_path):
+    model, processor = build_tiny_checkpoint(tmp_path, layout="comm")
+    pipe = pipeline("image-text-to-text", model=str(tmp_path))
+    image = Image.fromarray((np.random.default_rng(0).random((40, 50, 3)) * 255).astype("uint8"))
+    prompt = "USER: <image>\nWhat is this? ASSISTANT:"
+    out = pipe(
+        images=image, text=prompt, max_new_tokens=6, generate_kwargs={"do_sample": False}, return_full_text=False
+    )[0]["generated_text"]
+    inputs = processor(images=image, text=prompt, return_tensors="pt")
+    ids = model.generate(**inputs, max_new_tokens=6, do_sample=False)[0, inputs["input_ids"].shape[1] :]
+    assert out == processor.decode(ids, skip_special_tokens=True)
