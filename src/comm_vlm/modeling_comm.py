@@ -23,8 +23,7 @@ from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
-from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast, LlavaModelOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, ModelOutput
 from transformers.utils import logging
 
 from .configuration_comm import CommConfig, patch_grid
@@ -35,13 +34,35 @@ logger = logging.get_logger(__name__)
 
 
 @dataclass
-class CommModelOutputWithPast(LlavaModelOutputWithPast):
-    """[`CommModel`] outputs; `image_hidden_states` is `(total_image_tokens, hidden_size)` when images were given."""
+class CommModelOutputWithPast(BaseModelOutputWithPast):
+    """[`CommModel`] outputs.
+
+    Args:
+        image_hidden_states (`torch.FloatTensor` of shape `(total_image_tokens, hidden_size)`, *optional*): the
+            visual tokens scattered into the sequence, when images were given.
+    """
+
+    image_hidden_states: torch.FloatTensor | None = None
 
 
 @dataclass
-class CommCausalLMOutputWithPast(LlavaCausalLMOutputWithPast):
-    """[`CommForConditionalGeneration`] outputs (loss, logits, cache, hidden states, image hidden states)."""
+class CommCausalLMOutputWithPast(ModelOutput):
+    """[`CommForConditionalGeneration`] outputs.
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*): next-token loss, when `labels` are given.
+        logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`).
+        past_key_values (`Cache`, *optional*): the KV cache.
+        hidden_states, attentions (`tuple[torch.FloatTensor]`, *optional*): per-layer LLM outputs when requested.
+        image_hidden_states (`torch.FloatTensor` of shape `(total_image_tokens, hidden_size)`, *optional*).
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_hidden_states: torch.FloatTensor | None = None
 
 
 class CommMultiModalProjector(nn.Module):
