@@ -1,0 +1,40 @@
+"""Two-stage training on TRL's SFTTrainer and Accelerate (see `stages` for the contract, `recipes` for the YAML)."""
+
+from .data import (
+    SkipReport,
+    build_dataset,
+    llava_to_messages,
+    load_source,
+    mix_datasets,
+    shikra_to_messages,
+    validate_samples,
+)
+from .recipes import load_recipe, make_tiny_dataset, parse_overrides, run_recipe
+from .stages import COMPONENTS, STAGES, Stage, apply_stage, get_stage, optimizer_groups
+from .trainer import CommSFTTrainer, build_trainer, default_sft_config, merge_lora_and_save, save_atomically
+
+
+__all__ = [
+    "COMPONENTS",
+    "STAGES",
+    "CommSFTTrainer",
+    "SkipReport",
+    "Stage",
+    "apply_stage",
+    "build_dataset",
+    "build_trainer",
+    "default_sft_config",
+    "get_stage",
+    "llava_to_messages",
+    "load_recipe",
+    "load_source",
+    "make_tiny_dataset",
+    "merge_lora_and_save",
+    "mix_datasets",
+    "optimizer_groups",
+    "parse_overrides",
+    "run_recipe",
+    "save_atomically",
+    "shikra_to_messages",
+    "validate_samples",
+]

@@ -1,0 +1,168 @@
+"""YAML recipes: a model source and a list of stages, run in order (stage k+1 starts from stage k's output).
+
+```yaml
+model: {tiny: comm}                 # or {pretrained: path-or-repo-id}
+stages:
+  - stage: comm_pretrain            # a key of comm_vlm.training.stages.STAGES
+    dataset: {path: data/stage1.json, format: llava, image_folder: data/images}
+    args: {learning_rate: 2.0e-5, lr_scheduler_type: cosine, per_device_train_batch_size: 8}  # any SFTConfig field
+    peft: {r: 16, lora_alpha: 32, target_modules: [q_proj, v_proj]}                        # optional LoRA
+```
+
+`dataset: {tiny: N}` writes N synthetic image/answer samples under the run directory (for CPU smoke runs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils import logging
+
+from .data import SkipReport, build_dataset
+from .stages import get_stage
+from .trainer import build_trainer, default_sft_config, merge_lora_and_save, save_atomically
+
+
+logger = logging.get_logger(__name__)
+
+
+def recipe_path(name_or_path: str) -> Path:
+    """A shipped recipe by name (`comm`, `tiny_comm`, ...) or a path to a YAML file."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return path
+    shipped = resources.files("comm_vlm") / "recipes" / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return Path(str(shipped))
+    available = sorted(p.name.removesuffix(".yaml") for p in (resources.files("comm_vlm") / "recipes").iterdir())
+    raise FileNotFoundError(f"No recipe {name_or_path!r}: give a YAML path or one of {available}.")
+
+
+def load_recipe(name_or_path: str, overrides: dict[str, Any] | None = None) -> dict:
+    """Reads a recipe and applies `overrides` (SFTConfig fields) to every stage's `args`."""
+    recipe = yaml.safe_load(recipe_path(name_or_path).read_text())
+    if not isinstance(recipe, dict) or not recipe.get("stages"):
+        raise ValueError(f"Recipe {name_or_path!r} needs a `model` and a non-empty `stages` list.")
+    for i, stage in enumerate(recipe["stages"]):
+        get_stage(stage.get("stage", ""))  # validates the name early
+        if "dataset" not in stage:
+            raise ValueError(f"Recipe {name_or_path!r}, stage {i}: missing `dataset`.")
+        stage["args"] = {**stage.get("args", {}), **(overrides or {})}
+    return recipe
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`key=value` pairs (values parsed as YAML: `max_steps=3`, `learning_rate=1e-4`, `bf16=false`)."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"Override {item!r} is not key=value (e.g. max_steps=3).")
+        overrides[key.lstrip("-").replace("-", "_")] = yaml.safe_load(value)
+    return overrides
+
+
+def make_tiny_dataset(directory: str | os.PathLike, num_samples: int, seed: int = 0) -> Path:
+    """Writes `num_samples` synthetic samples (a coloured square; Q: its colour) as LLaVA JSON + PNGs."""
+    import random
+
+    from PIL import Image
+
+    colours = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (30, 60, 220)}
+    rng = random.Random(seed)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    records = []
+    for i in range(num_samples):
+        name = rng.choice(sorted(colours))
+        Image.new("RGB", (32, 32), colours[name]).save(directory / f"{i}.png")
+        records.append(
+            {
+                "id": str(i),
+                "image": f"{i}.png",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nWhat colour is the image?"},
+                    {"from": "gpt", "value": f"It is {name}."},
+                ],
+            }
+        )
+    path = directory / "data.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+@dataclass
+class StageResult:
+    stage: str
+    output_dir: str
+    train_loss: float | None
+    skip_report: SkipReport
+    log_history: list[dict] = field(default_factory=list)
+
+
+def _load_model(source: dict, run_dir: Path):
+    if "tiny" in source:
+        from ..tiny import build_tiny_checkpoint
+
+        path = run_dir / "init"
+        build_tiny_checkpoint(path, layout=source["tiny"], seed=source.get("seed", 0))
+        source = {"pretrained": str(path)}
+    path = source["pretrained"]
+    return AutoModelForImageTextToText.from_pretrained(path, dtype=source.get("dtype", "float32")), (
+        AutoProcessor.from_pretrained(path)
+    )
+
+
+def run_recipe(recipe: dict, output_dir: str | os.PathLike, callbacks=None) -> list[StageResult]:
+    """Runs every stage; returns per-stage results. Each stage's final model is `<output_dir>/<k>-<stage>/final`."""
+    run_dir = Path(output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model, processor = _load_model(recipe["model"], run_dir)
+    results = []
+    for k, spec in enumerate(recipe["stages"]):
+        stage = get_stage(spec["stage"])
+        stage_dir = run_dir / f"{k}-{stage.name}"
+        dataset_spec = dict(spec["dataset"])
+        if "tiny" in dataset_spec:
+            dataset_spec = {
+                "path": str(make_tiny_dataset(run_dir / "tiny_data", dataset_spec["tiny"])),
+                "format": "llava",
+                "image_folder": str(run_dir / "tiny_data"),
+            }
+        dataset, report = build_dataset(dataset_spec, seed=spec["args"].get("seed", 42))
+        args = dict(spec["args"])
+        resume = args.pop("resume", False)
+        sft_args = default_sft_config(stage_dir / "checkpoints", **args)
+        peft_config = None
+        if spec.get("peft"):
+            from peft import LoraConfig
+
+            peft_config = LoraConfig(task_type="CAUSAL_LM", **spec["peft"])
+        trainer = build_trainer(
+            model, processor, dataset, stage, sft_args, peft_config=peft_config, callbacks=callbacks
+        )
+        checkpoint = (
+            get_last_checkpoint(sft_args.output_dir) if resume and Path(sft_args.output_dir).exists() else None
+        )
+        output = trainer.train(resume_from_checkpoint=checkpoint)
+        final_dir = stage_dir / "final"
+        if peft_config is not None:
+            model = merge_lora_and_save(trainer.model, processor, final_dir)
+        else:
+            model = trainer.model
+            save_atomically(model, processor, final_dir)
+        logger.warning(f"Stage {stage.name} done: {final_dir}; {report}")
+        results.append(
+            StageResult(stage.name, str(final_dir), output.training_loss, report, trainer.state.log_history)
+        )
+        if k + 1 < len(recipe["stages"]):
+            model = AutoModelForImageTextToText.from_pretrained(final_dir, dtype="float32")
+    return results

@@ -1,0 +1,136 @@
+"""The training engine: TRL's `SFTTrainer` (Accelerate underneath) with a stage's trainable set and optimiser groups.
+
+`build_trainer` freezes what the stage does not train, optionally wraps the LLM with PEFT LoRA (the stage's other
+components saved in full through `modules_to_save`), and returns an `SFTTrainer` whose optimiser has one group per
+(learning rate, weight decay) pair. TRL's vision collator renders the chat template, expands image placeholders through
+our processor and masks everything but assistant tokens (`assistant_only_loss=True`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from transformers import PreTrainedModel, ProcessorMixin
+from transformers.utils import logging
+from trl import SFTConfig, SFTTrainer
+
+from .stages import COMPONENTS, Stage, apply_stage, get_stage, optimizer_groups
+
+
+logger = logging.get_logger(__name__)
+
+
+class CommSFTTrainer(SFTTrainer):
+    """`SFTTrainer` whose optimiser groups follow a `Stage` (e.g. M3's separate vision-tower learning rate)."""
+
+    def __init__(self, *args, stage: Stage, **kwargs):
+        self.stage = stage
+        super().__init__(*args, **kwargs)
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            opt_model = self.model if model is None else model
+            groups = optimizer_groups(
+                opt_model,
+                self.stage,
+                self.args.learning_rate,
+                self.args.weight_decay,
+                set(self.get_decay_parameter_names(opt_model)) ^ {n for n, _ in opt_model.named_parameters()},
+            )
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            optimizer_kwargs.pop("lr", None)
+            self.optimizer = optimizer_cls(groups, lr=self.args.learning_rate, **optimizer_kwargs)
+        return self.optimizer
+
+
+def default_sft_config(output_dir: str | os.PathLike, **overrides) -> SFTConfig:
+    """`SFTConfig` defaults for these models: assistant-only loss, keep image columns, fp32 on CPU."""
+    on_cpu = not torch.cuda.is_available() or overrides.get("use_cpu", False)
+    fields = {
+        "output_dir": str(output_dir),
+        "assistant_only_loss": True,
+        "remove_unused_columns": False,
+        "bf16": not on_cpu,
+        "use_cpu": on_cpu,
+        "report_to": "none",
+        "lr_scheduler_type": "cosine",
+        "save_safetensors": True,
+    }
+    fields.update(overrides)
+    fields = {k: v for k, v in fields.items() if k in SFTConfig.__dataclass_fields__}
+    return SFTConfig(**fields)
+
+
+def build_trainer(
+    model: PreTrainedModel,
+    processor: ProcessorMixin,
+    train_dataset: Dataset,
+    stage: Stage | str,
+    args: SFTConfig,
+    peft_config=None,
+    eval_dataset: Dataset | None = None,
+    callbacks=None,
+) -> CommSFTTrainer:
+    """Freezes `model` per `stage` and builds the trainer.
+
+    Args:
+        peft_config: a PEFT `LoraConfig` (or any PEFT config). LoRA targets the LLM; the stage's non-LLM components
+            are added to `modules_to_save` so they train and save in full.
+    """
+    stage = get_stage(stage) if isinstance(stage, str) else stage
+    counts = apply_stage(model, stage)
+    logger.info(f"Stage {stage.name}: trainable parameters per component {counts}")
+    if peft_config is not None:
+        full = [c for c in stage.trains if c != "llm" and counts.get(c)]
+        modules = sorted({prefix.split(".")[1] for c in full for prefix in COMPONENTS[c]})
+        peft_config.modules_to_save = sorted(set(peft_config.modules_to_save or []) | set(modules))
+    if args.activation_checkpointing:
+        # Frozen encoders produce inputs without grad; make the LLM's checkpointed blocks still backprop.
+        model.enable_input_require_grads()
+    return CommSFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=processor,
+        peft_config=peft_config,
+        callbacks=callbacks,
+        stage=stage,
+    )
+
+
+def save_atomically(model: PreTrainedModel, processor: ProcessorMixin | None, output_dir: str | os.PathLike) -> Path:
+    """Writes `save_pretrained` output to a temporary sibling directory, then renames it into place.
+
+    A crash mid-write leaves the previous `output_dir` (if any) untouched; readers never see a half-written one.
+    """
+    output_dir = Path(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if processor is not None:
+            processor.save_pretrained(tmp)
+        old = None
+        if output_dir.exists():
+            old = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
+            output_dir.rename(old)
+        tmp.rename(output_dir)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output_dir
+
+
+def merge_lora_and_save(model, processor: ProcessorMixin | None, output_dir: str | os.PathLike) -> PreTrainedModel:
+    """Merges LoRA weights into the base model and saves a plain `from_pretrained`-loadable checkpoint."""
+    merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    save_atomically(merged, processor, output_dir)
+    return merged
