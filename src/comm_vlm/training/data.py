@@ -164,7 +164,8 @@ def validate_samples(dataset: Dataset, num_proc: int | None = None) -> tuple[Dat
     report.reasons.update(p for p in problems if p)
     if report.kept == 0:
         raise ValueError(
-            f"No usable sample in the dataset: {report}. Check image paths (`image_folder`) and the conversation format."
+            f"No usable sample in the dataset: {report}. Check image paths (`image_folder`) and the conversation "
+            "format."
         )
     if report.skipped:
         logger.warning(f"Skipping bad samples: {report}")
