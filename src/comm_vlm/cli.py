@@ -1,11 +1,16 @@
 """`comm-vlm` command line.
 
     comm-vlm demo [--output-dir DIR] [--layout comm|llava]
+    comm-vlm train --recipe NAME_OR_YAML [--output-dir DIR] [key=value ...]
 
 `demo` (the main job until training/evaluation land): builds a tiny random COMM (CLIP + DINOv2 with LLN-Layerscale
 merging) and its processor fully offline, saves them with `save_pretrained` (safetensors), reloads with the Auto
 classes, checks the reload is exact, and answers a chat prompt about a generated image through
 `pipeline("image-text-to-text")`. The weights are random, so the answer is noise: the demo proves the plumbing.
+
+`train` runs a YAML recipe's stages in order on TRL's SFTTrainer (see `comm_vlm.training.recipes`); `key=value`
+overrides apply to every stage's SFTConfig (e.g. `max_steps=3 resume=true`). Under `accelerate launch` it runs on
+every process (DDP, FSDP, DeepSpeed: `comm_vlm/accelerate_configs/`).
 """
 
 from __future__ import annotations
@@ -83,8 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--output-dir", default="outputs/demo")
     demo.add_argument("--layout", choices=["comm", "llava"], default="comm")
     demo.add_argument("--seed", type=int, default=0)
+    train = sub.add_parser("train", help="run a training recipe (YAML) on TRL's SFTTrainer")
+    train.add_argument("--recipe", required=True, help="shipped recipe name (e.g. tiny_comm, comm) or YAML path")
+    train.add_argument("--output-dir", default="outputs/train")
+    train.add_argument("overrides", nargs="*", help="SFTConfig overrides for every stage, as key=value")
     args = parser.parse_args(argv)
 
+    if args.command == "train":
+        return _train(args)
     np.random.seed(args.seed)
     result = run_demo(args.output_dir, layout=args.layout, seed=args.seed)
     width = max(len(k) for k in result)
@@ -93,6 +104,20 @@ def main(argv: list[str] | None = None) -> int:
     if result["reload_max_abs_logit_diff"] != 0.0:
         sys.stderr.write("reload changed the logits\n")
         return 1
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .training import load_recipe, parse_overrides, run_recipe
+
+    recipe = load_recipe(args.recipe, parse_overrides(args.overrides))
+    results = run_recipe(recipe, args.output_dir)
+    for result in results:
+        losses = [round(h["loss"], 4) for h in result.log_history if "loss" in h]
+        sys.stdout.write(
+            f"{result.stage}: final model {result.output_dir}; train loss {result.train_loss:.4f} "
+            f"(logged {losses}); {result.skip_report}\n"
+        )
     return 0
 
 

@@ -10,7 +10,7 @@ from .data import (
     validate_samples,
 )
 from .recipes import load_recipe, make_tiny_dataset, parse_overrides, run_recipe
-from .stages import COMPONENTS, STAGES, Stage, apply_stage, get_stage, optimizer_groups
+from .stages import COMPONENTS, STAGES, Stage, apply_stage, component_of, get_stage, optimizer_groups
 from .trainer import CommSFTTrainer, build_trainer, default_sft_config, merge_lora_and_save, save_atomically
 
 
@@ -23,6 +23,7 @@ __all__ = [
     "apply_stage",
     "build_dataset",
     "build_trainer",
+    "component_of",
     "default_sft_config",
     "get_stage",
     "llava_to_messages",

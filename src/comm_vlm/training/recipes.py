@@ -22,13 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from accelerate import PartialState
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
 from .data import SkipReport, build_dataset
 from .stages import get_stage
-from .trainer import build_trainer, default_sft_config, merge_lora_and_save, save_atomically
+from .trainer import build_trainer, default_sft_config, save_atomically
 
 
 logger = logging.get_logger(__name__)
@@ -125,7 +126,9 @@ def run_recipe(recipe: dict, output_dir: str | os.PathLike, callbacks=None) -> l
     """Runs every stage; returns per-stage results. Each stage's final model is `<output_dir>/<k>-<stage>/final`."""
     run_dir = Path(output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    model, processor = _load_model(recipe["model"], run_dir)
+    state = PartialState()  # under `accelerate launch`: the main process writes shared files first, then the rest read
+    with state.main_process_first():
+        model, processor = _load_model(recipe["model"], run_dir)
     results = []
     for k, spec in enumerate(recipe["stages"]):
         stage = get_stage(spec["stage"])
@@ -154,11 +157,12 @@ def run_recipe(recipe: dict, output_dir: str | os.PathLike, callbacks=None) -> l
         )
         output = trainer.train(resume_from_checkpoint=checkpoint)
         final_dir = stage_dir / "final"
+        model = trainer.model
         if peft_config is not None:
-            model = merge_lora_and_save(trainer.model, processor, final_dir)
-        else:
-            model = trainer.model
+            model = model.merge_and_unload()
+        if trainer.args.should_save:
             save_atomically(model, processor, final_dir)
+        state.wait_for_everyone()
         logger.warning(f"Stage {stage.name} done: {final_dir}; {report}")
         results.append(
             StageResult(stage.name, str(final_dir), output.training_loss, report, trainer.state.log_history)
