@@ -290,3 +290,22 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
     la = [h["loss"] for h in losses(tmp_path / "a")["log_history"] if "loss" in h]
     lb = [h["loss"] for h in losses(tmp_path / "b")["log_history"] if "loss" in h]
     assert la == pytest.approx(lb, abs=1e-5)
+
+
+SHIPPED = sorted(p.stem for p in (Path(__file__).parents[1] / "src/comm_vlm/recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_recipe_is_valid(name, tmp_path):
+    recipe = load_recipe(name)
+    for stage in recipe["stages"]:
+        args = {k: v for k, v in stage["args"].items() if k != "resume"}
+        config = default_sft_config(tmp_path, **args)  # every key must be a real SFTConfig field
+        assert {k for k in args} <= set(type(config).__dataclass_fields__)
+    assert set(recipe["model"]) & {"tiny", "pretrained", "assemble"}
+
+
+@pytest.mark.parametrize("name", [n for n in SHIPPED if n.startswith("tiny_")])
+def test_tiny_recipe_runs(name, tmp_path):
+    results = run_recipe(load_recipe(name, {"max_steps": 1}), tmp_path)
+    assert all(Path(r.output_dir, "model.safetensors").exists() for r in results)

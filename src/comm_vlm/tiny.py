@@ -50,18 +50,20 @@ _CORPUS = [
 ]
 
 
-def build_tiny_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
+def build_tiny_tokenizer(vocab_size: int = 320, with_image_token: bool = True) -> PreTrainedTokenizerFast:
     """Trains a byte-level BPE tokenizer in memory (no download) and attaches the chat template.
 
     Args:
         vocab_size (`int`): target vocabulary size, special tokens included (ids 0-4 are `SPECIAL_TOKENS`).
+        with_image_token (`bool`): `False` gives a plain LLM tokenizer without `<image>` (as published LLMs come).
     """
+    special_tokens = SPECIAL_TOKENS if with_image_token else SPECIAL_TOKENS[:-1]
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -73,7 +75,7 @@ def build_tiny_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
         eos_token="</s>",
         unk_token="<unk>",
         pad_token="<pad>",
-        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        extra_special_tokens={"image_token": IMAGE_TOKEN} if with_image_token else {},
         padding_side="left",
         chat_template=CHAT_TEMPLATE,
     )

@@ -1,7 +1,7 @@
 """YAML recipes: a model source and a list of stages, run in order (stage k+1 starts from stage k's output).
 
 ```yaml
-model: {tiny: comm}                 # or {pretrained: path-or-repo-id}
+model: {tiny: comm}                 # or {pretrained: path-or-repo-id} or {assemble: {vision, text, ...}}
 stages:
   - stage: comm_pretrain            # a key of comm_vlm.training.stages.STAGES
     dataset: {path: data/stage1.json, format: llava, image_folder: data/images}
@@ -110,6 +110,10 @@ class StageResult:
 
 
 def _load_model(source: dict, run_dir: Path):
+    if "assemble" in source:  # {assemble: {vision: ..., secondary_vision: ..., text: ..., <CommConfig fields>}}
+        from ..assemble import assemble_comm
+
+        return assemble_comm(dtype=source.get("dtype", "float32"), **source["assemble"])
     if "tiny" in source:
         from ..tiny import build_tiny_checkpoint
 

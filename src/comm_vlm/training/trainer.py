@@ -59,10 +59,11 @@ def default_sft_config(output_dir: str | os.PathLike, **overrides) -> SFTConfig:
         "use_cpu": on_cpu,
         "report_to": "none",
         "lr_scheduler_type": "cosine",
-        "save_safetensors": True,
     }
     fields.update(overrides)
-    fields = {k: v for k, v in fields.items() if k in SFTConfig.__dataclass_fields__}
+    unknown = sorted(set(fields) - set(SFTConfig.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"Unknown SFTConfig field(s) {unknown}; see trl.SFTConfig / transformers.TrainingArguments.")
     return SFTConfig(**fields)
 
 
