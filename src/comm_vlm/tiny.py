@@ -115,6 +115,8 @@ def tiny_vision_config(model_type: str = "clip_vision_model", **overrides: Any) 
     if model_type == "vit_mae":
         cfg["mask_ratio"] = 0.0
     cfg.update(overrides)
+    if model_type.startswith("dinov2"):
+        cfg["mlp_ratio"] = cfg["intermediate_size"] // cfg["hidden_size"]  # DINOv2 sizes its MLP by ratio
     return cfg
 
 
@@ -162,15 +164,16 @@ def tiny_llava_config(vocab_size: int = 320, **overrides: Any):
     """transformers' `LlavaConfig` with the sizes of `tiny_comm_config("llava")`."""
     from transformers import LlavaConfig
 
-    vision = tiny_vision_config("clip_vision_model")
     fields: dict[str, Any] = {
-        "vision_config": vision,
+        "vision_config": tiny_vision_config("clip_vision_model"),
         "text_config": tiny_text_config(vocab_size),
         "image_token_index": IMAGE_TOKEN_ID,
         "vision_feature_layer": -2,
-        "image_seq_length": (vision["image_size"] // vision["patch_size"]) ** 2,
     }
     fields.update(overrides)
+    vision = fields["vision_config"]
+    vision = vision if isinstance(vision, dict) else vision.to_dict()
+    fields.setdefault("image_seq_length", (vision["image_size"] // vision["patch_size"]) ** 2)
     return LlavaConfig(**fields)
 
 
