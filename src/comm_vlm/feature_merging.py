@@ -93,7 +93,7 @@ class LLNLayerscaleMerge(LayerscaleMerge):
     def transform(self, layer_features: torch.Tensor) -> torch.Tensor:
         num_layers, batch, tokens, width = layer_features.shape
         normed = F.layer_norm(layer_features, (width,), eps=self.eps)
-        normed = normed * self.norm_weight[:, None, None] + self.norm_bias[:, None, None]  # (L, B, N, C)
+        normed = torch.addcmul(self.norm_bias[:, None, None], normed, self.norm_weight[:, None, None])  # (L, B, N, C)
         projected = torch.baddbmm(
             self.linear_bias[:, None],  # (L, 1, C_out)
             normed.reshape(num_layers, batch * tokens, width),  # (L, B*N, C)
