@@ -21,6 +21,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from accelerate import PartialState
 from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -130,7 +131,9 @@ def run_recipe(recipe: dict, output_dir: str | os.PathLike, callbacks=None) -> l
     """Runs every stage; returns per-stage results. Each stage's final model is `<output_dir>/<k>-<stage>/final`."""
     run_dir = Path(output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    state = PartialState()  # under `accelerate launch`: the main process writes shared files first, then the rest read
+    # Under `accelerate launch` the main process writes shared files (init checkpoint, tiny data) first, the others
+    # read them after. On a machine without CUDA the processes talk over gloo (`cpu=True`), as the Trainer does.
+    state = PartialState(cpu=not torch.cuda.is_available())
     with state.main_process_first():
         model, processor = _load_model(recipe["model"], run_dir)
     results = []
