@@ -47,6 +47,13 @@ _CORPUS = [
     "Describe the image briefly. There is a dog, a person and a car in the picture.",
     "Is there a bottle in the image? Answer yes or no. yes no",
     "0123456789 [ ] , . ? ! : ; ( ) - the a an of in on at to is are",
+    # The vocabulary of the synthetic scenes (comm_vlm.evaluation.synthetic), so their prompts tokenise compactly.
+    "Please provide the bounding box coordinate of the region this sentence describes: the large red circle.",
+    "Please provide a short description for this region: the small blue square at the top left.",
+    "What colour is the triangle? What shape is the green object? How many circles are there? "
+    "Answer the question using a single word or phrase.",
+    "red blue green yellow purple orange circle square triangle circles squares triangles small large "
+    "top bottom left right middle center There are two three four objects and an image of a",
 ]
 
 
@@ -189,19 +196,27 @@ def tiny_image_processor(image_size: int = 28):
     return processor_class(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
 
 
-def build_tiny_checkpoint(path: str | os.PathLike, layout: str = "comm", seed: int = 0, **overrides: Any):
-    """Builds a random tiny model + processor and saves both to `path` (safetensors). Returns `(model, processor)`."""
+def build_tiny_checkpoint(
+    path: str | os.PathLike, layout: str = "comm", seed: int = 0, vocab_size: int = 320, **overrides: Any
+):
+    """Builds a random tiny model + processor and saves both to `path` (safetensors). Returns `(model, processor)`.
+
+    Args:
+        layout (`str`): `"comm"` or `"llava"` (see `tiny_comm_config`).
+        vocab_size (`int`): size of the in-memory BPE tokenizer and of the LLM's vocabulary.
+        overrides: `CommConfig` fields.
+    """
     import torch
 
     from .modeling_comm import CommForConditionalGeneration
     from .processing_comm import CommProcessor
 
     torch.manual_seed(seed)
-    config = tiny_comm_config(layout, **overrides)
+    config = tiny_comm_config(layout, vocab_size=vocab_size, **overrides)
     model = CommForConditionalGeneration(config).eval()
     processor = CommProcessor(
         image_processor=tiny_image_processor(config.vision_config.image_size),
-        tokenizer=build_tiny_tokenizer(),
+        tokenizer=build_tiny_tokenizer(vocab_size),
         num_image_tokens=config.image_seq_length,
         chat_template=CHAT_TEMPLATE,
     )

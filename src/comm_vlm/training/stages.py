@@ -69,6 +69,12 @@ STAGES: dict[str, Stage] = {
             learning_rates={"vision_towers": 2e-5},
         ),
         Stage(
+            "from_scratch",
+            ("vision_towers", "merges", "aligners", "projector", "combiner", "llm"),
+            "Everything trains: for tiny offline models whose encoders have no pretrained weights (demo only)",
+            optional=("merges", "aligners", "projector", "combiner"),
+        ),
+        Stage(
             "combiner",
             ("combiner", "merges", "aligners", "projector", "llm"),
             "Adaptive combiner: combiner, connector, projector and LLM; encoders frozen",
