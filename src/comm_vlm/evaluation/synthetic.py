@@ -1,0 +1,612 @@
+"""Deterministic synthetic scenes (coloured squares, circles, triangles) with the task types of COMM's benchmarks.
+
+COMM (Jiang et al. 2023) and M3 (Cai et al. 2024) evaluate on REC (RefCOCO, box from a referring expression), REG
+(RefCOCOg, expression from a box; CIDEr), POPE (Li et al. 2023; "Is there a <object> in the image?" with random /
+popular / adversarial negatives), VQA (VQAv2 accuracy) and captioning (CIDEr). This module generates small scenes on
+which all five can be trained and scored offline, in seconds:
+
+    ds = make_synthetic_dataset(200, seed=0, split="test")          # ~3,000 rows, PIL images
+    splits = make_synthetic_splits(1000, 200, seed=0)               # DatasetDict(train, test), disjoint scenes
+
+**Scenes.** A canvas of `canvas_size` px (default 96) on a white background holds 1-4 objects. An object is a shape
+(square, circle, triangle) of a colour (red, green, blue, yellow, purple, orange) and a size class (small: a bounding
+square of 22-30% of the canvas side, large: 34-44%), so shapes stay visible after resizing to a 28 or 56 px model
+input. Colour and shape are drawn with non-uniform weights (`SyntheticConfig.colour_weights` / `shape_weights`) so
+that POPE's "popular" negatives differ from random ones; a scene never holds two objects of the same colour *and*
+shape, so "the red circle" always names one object. Objects do not overlap
+(their boxes keep `margin` px apart); a large object that cannot be placed in 50 tries is tried once more as a small
+one, then dropped. Drawing has no anti-aliasing, so each object's pixels have exactly its colour; its box is the
+tight box of its pixels, `(x1, y1, x2, y2)` with exclusive x2/y2 (continuous pixel coordinates), written
+Shikra-style with `format_box(normalize_box(box, (w, h)))`.
+
+**Rows** (TRL conversational format, what `comm_vlm.training` consumes, plus scoring metadata):
+
+    {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
+                  {"role": "assistant", "content": [{"type": "text", "text": answer}]}],
+     "images": [PIL.Image or path], "task": "rec" | "reg" | "pope" | "vqa" | "caption",
+     "question": str, "answer": str, "references": list[str], "box": list[float] (normalized, [] if none),
+     "question_type": str, "pope_setting": str, "object": str, "scene_id": str, "split": str, "num_objects": int}
+
+Per scene: `rec` and `reg` one row per object (REC answer: the box; REG answer: "the large red circle", references
+add "the red circle" and "a large red circle at the top left"); `caption` one row (three reference captions);
+`vqa` a colour question for one shape present exactly once, a shape question for one colour present exactly once,
+and a count question for a random shape (answers are digits; `references` holds the answer 10 times, as if the
+10 annotators of VQAv2 agreed); `pope` `pope_questions_per_scene` present objects ("yes") and as many absent ones
+("no") for each setting, so every setting is balanced (50% yes).
+
+**POPE negatives** (our definitions on the synthetic vocabulary; an "object" is a colour-shape category such as
+"red circle"; statistics are counted over the scenes of the same split):
+* `random`: an absent category drawn uniformly.
+* `popular`: the absent categories in the split with the most scenes containing them (ties by name), as POPE's
+  "top-k most frequent objects".
+* `adversarial`: absent categories that share the colour or the shape of a present object (the model must bind
+  colour to shape), ranked by how often they co-occur with the present objects in the split (POPE's co-occurrence
+  ranking), then by frequency and name; other absent categories follow when too few share an attribute.
+
+**Splits** are disjoint by seed: split `s` of seed `k` draws from `random.Random("comm-vlm-synthetic/k/s")`, and
+`make_synthetic_splits` regenerates any test scene identical (same objects, boxes, canvas) to a train scene.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset, DatasetDict, List, Value
+from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
+from transformers.utils import logging
+
+from ..processing_comm import format_box, normalize_box
+
+
+logger = logging.get_logger(__name__)
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 160, 60),
+    "blue": (40, 80, 220),
+    "yellow": (230, 200, 30),
+    "purple": (140, 60, 180),
+    "orange": (240, 130, 30),
+}
+SHAPES = ("square", "circle", "triangle")
+SIZES = ("small", "large")
+TASKS = ("rec", "reg", "pope", "vqa", "caption")
+POPE_SETTINGS = ("random", "popular", "adversarial")
+VQA_QUESTION_TYPES = ("colour", "shape", "count")
+SHORT_ANSWER = "Answer the question using a single word or phrase."  # LLaVA-1.5's VQAv2 / POPE prompt suffix
+PROMPTS: dict[str, str] = {
+    "rec": "Please provide the bounding box coordinate of the region this sentence describes: {expression}.",
+    "reg": "Please provide a short description for this region: {box}.",
+    "caption": "Describe the image briefly.",
+    "pope": "Is there {article} {object} in the image? " + SHORT_ANSWER,
+    "colour": "What colour is the {shape}? " + SHORT_ANSWER,
+    "shape": "What shape is the {colour} object? " + SHORT_ANSWER,
+    "count": "How many {shape}s are there? " + SHORT_ANSWER,
+}
+_NUMBER_WORDS = ("no", "one", "two", "three", "four", "five", "six")
+
+
+@dataclass
+class SyntheticConfig:
+    """How scenes are drawn and which rows they give.
+
+    Args:
+        canvas_size (`int`, defaults to 96): image side in pixels (64-112 is the intended range).
+        min_objects (`int`, defaults to 1): fewest objects drawn per scene.
+        max_objects (`int`, defaults to 4): most objects drawn per scene (fewer when they do not fit).
+        small_size (`tuple[float, float]`): side range of a small object, as a fraction of the canvas.
+        large_size (`tuple[float, float]`): side range of a large object, as a fraction of the canvas.
+        margin (`int`, defaults to 3): minimum gap in pixels between two objects' boxes.
+        colour_weights (`dict[str, float]`): sampling weight of each colour (keys: the colours used).
+        shape_weights (`dict[str, float]`): sampling weight of each shape.
+        background (`tuple[int, int, int]`): background RGB.
+        pope_questions_per_scene (`int`, defaults to 1): positive (and as many negative) POPE questions per scene and
+            setting (capped by the objects present).
+        prompts (`dict[str, str]`): question templates (keys as `PROMPTS`).
+    """
+
+    canvas_size: int = 96
+    min_objects: int = 1
+    max_objects: int = 4
+    small_size: tuple[float, float] = (0.22, 0.30)
+    large_size: tuple[float, float] = (0.34, 0.44)
+    margin: int = 3
+    colour_weights: dict[str, float] = field(
+        default_factory=lambda: {"red": 6, "blue": 5, "green": 4, "yellow": 3, "purple": 2, "orange": 2}
+    )
+    shape_weights: dict[str, float] = field(default_factory=lambda: {"circle": 5, "square": 4, "triangle": 3})
+    background: tuple[int, int, int] = (255, 255, 255)
+    pope_questions_per_scene: int = 1
+    prompts: dict[str, str] = field(default_factory=lambda: dict(PROMPTS))
+
+    def __post_init__(self) -> None:
+        if self.canvas_size < 32:
+            raise ValueError(f"canvas_size={self.canvas_size} is too small; use at least 32 px (64-112 intended).")
+        if not 1 <= self.min_objects <= self.max_objects:
+            raise ValueError(
+                f"Need 1 <= min_objects <= max_objects, got {self.min_objects} and {self.max_objects}; fix the range."
+            )
+        for name in ("small_size", "large_size"):
+            lo, hi = getattr(self, name)
+            if not 0 < lo <= hi < 1:
+                raise ValueError(f"{name}={(lo, hi)} must be fractions of the canvas with 0 < low <= high < 1.")
+        unknown = (set(self.colour_weights) - set(COLOURS)) | (set(self.shape_weights) - set(SHAPES))
+        if unknown:
+            raise ValueError(f"Unknown colours/shapes {sorted(unknown)}; use names from {list(COLOURS)} / {SHAPES}.")
+        if self.max_objects > len(self.colour_weights) * len(self.shape_weights):
+            raise ValueError("max_objects exceeds the number of colour-shape categories; lower it or add colours.")
+        if self.pope_questions_per_scene < 1:
+            raise ValueError(f"pope_questions_per_scene must be >= 1, got {self.pope_questions_per_scene}.")
+        missing = set(PROMPTS) - set(self.prompts)
+        if missing:
+            raise ValueError(f"prompts is missing templates for {sorted(missing)}; start from a copy of PROMPTS.")
+
+    @property
+    def categories(self) -> list[str]:
+        """Every colour-shape category name ("red circle", ...), in a fixed order."""
+        return [f"{c} {s}" for c in self.colour_weights for s in self.shape_weights]
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    """One drawn object.
+
+    Args:
+        shape (`str`): one of `SHAPES`.
+        colour (`str`): a key of `COLOURS`.
+        size (`str`): `"small"` or `"large"`.
+        box (`tuple[int, int, int, int]`): tight pixel box `(x1, y1, x2, y2)` of the drawn pixels, x2/y2 exclusive.
+        draw_box (`tuple[int, int, int, int]`): the square the shape was drawn in (same convention).
+    """
+
+    shape: str
+    colour: str
+    size: str
+    box: tuple[int, int, int, int]
+    draw_box: tuple[int, int, int, int]
+
+    @property
+    def name(self) -> str:
+        return f"{self.colour} {self.shape}"
+
+
+@dataclass(frozen=True)
+class Scene:
+    """A synthetic image: its objects and canvas; `render()` draws it.
+
+    Args:
+        scene_id (`str`): unique id (`"<split>-<seed>-<index>"`).
+        width (`int`), height (`int`): canvas size.
+        objects (`tuple[SceneObject, ...]`): the objects, in drawing order.
+        background (`tuple[int, int, int]`): background RGB.
+    """
+
+    scene_id: str
+    width: int
+    height: int
+    objects: tuple[SceneObject, ...]
+    background: tuple[int, int, int] = (255, 255, 255)
+
+    def signature(self) -> tuple:
+        """What makes two scenes identical (everything but the id)."""
+        return (self.width, self.height, self.background, tuple(sorted(self.objects, key=lambda o: o.box)))
+
+    def render(self) -> Image.Image:
+        """The RGB image (no anti-aliasing: every object pixel has exactly the object's colour)."""
+        image = Image.new("RGB", (self.width, self.height), self.background)
+        draw = ImageDraw.Draw(image)
+        for obj in self.objects:
+            _draw_shape(draw, obj.shape, obj.draw_box, COLOURS[obj.colour])
+        return image
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], fill: Any) -> None:
+    x1, y1, x2, y2 = box  # exclusive x2/y2; PIL's coordinates are inclusive
+    if shape == "square":
+        draw.rectangle((x1, y1, x2 - 1, y2 - 1), fill=fill)
+    elif shape == "circle":
+        draw.ellipse((x1, y1, x2 - 1, y2 - 1), fill=fill)
+    else:
+        draw.polygon([((x1 + x2 - 1) / 2, y1), (x1, y2 - 1), (x2 - 1, y2 - 1)], fill=fill)
+
+
+def _tight_box(shape: str, box: tuple[int, int, int, int], size: tuple[int, int]) -> tuple[int, int, int, int]:
+    mask = Image.new("L", size, 0)
+    _draw_shape(ImageDraw.Draw(mask), shape, box, 255)
+    return mask.getbbox()  # type: ignore[return-value]
+
+
+def _overlaps(a: tuple[int, ...], b: tuple[int, ...], margin: int) -> bool:
+    return not (a[2] + margin <= b[0] or b[2] + margin <= a[0] or a[3] + margin <= b[1] or b[3] + margin <= a[1])
+
+
+def _draw_scene(rng: random.Random, scene_id: str, config: SyntheticConfig) -> Scene:
+    side = config.canvas_size
+    wanted = rng.randint(config.min_objects, config.max_objects)
+    colours, shapes = list(config.colour_weights), list(config.shape_weights)
+    used: set[tuple[str, str]] = set()
+    placed: list[tuple[int, int, int, int]] = []
+    objects = []
+    for _ in range(wanted):
+        while True:
+            colour = rng.choices(colours, weights=[config.colour_weights[c] for c in colours])[0]
+            shape = rng.choices(shapes, weights=[config.shape_weights[s] for s in shapes])[0]
+            if (colour, shape) not in used:
+                break
+        nominal = None
+        for size in ("large", "small") if rng.choice(SIZES) == "large" else ("small",):
+            lo, hi = config.small_size if size == "small" else config.large_size
+            extent = rng.randint(max(4, round(lo * side)), max(4, round(hi * side)))
+            for _ in range(50):
+                x, y = rng.randint(0, side - extent), rng.randint(0, side - extent)
+                nominal = (x, y, x + extent, y + extent)
+                if not any(_overlaps(nominal, other, config.margin) for other in placed):
+                    break
+                nominal = None
+            if nominal is not None:
+                break
+        if nominal is None:
+            continue  # no room left for this object: drop it (deterministically)
+        used.add((colour, shape))
+        placed.append(nominal)
+        objects.append(SceneObject(shape, colour, size, _tight_box(shape, nominal, (side, side)), nominal))
+    return Scene(scene_id, side, side, tuple(objects), tuple(config.background))
+
+
+def _rng(seed: int, split: str) -> random.Random:
+    return random.Random(f"comm-vlm-synthetic/{seed}/{split}")
+
+
+def generate_scenes(
+    num_scenes: int,
+    seed: int = 0,
+    split: str = "test",
+    config: SyntheticConfig | None = None,
+    exclude: set | None = None,
+) -> list[Scene]:
+    """Draws `num_scenes` scenes, deterministically from `(seed, split)`.
+
+    Args:
+        num_scenes (`int`): how many scenes.
+        seed (`int`): the seed; with `split` it fixes every draw.
+        split (`str`): split name, part of the random stream and of the scene ids.
+        config ([`SyntheticConfig`], *optional*): drawing parameters.
+        exclude (`set`, *optional*): scene signatures (`Scene.signature()`) to redraw (used to keep splits disjoint).
+    """
+    if num_scenes < 0:
+        raise ValueError(f"num_scenes must be >= 0, got {num_scenes}.")
+    config = config or SyntheticConfig()
+    rng = _rng(seed, split)
+    scenes: list[Scene] = []
+    while len(scenes) < num_scenes:
+        scene = _draw_scene(rng, f"{split}-{seed}-{len(scenes):06d}", config)
+        if exclude is None or scene.signature() not in exclude:
+            scenes.append(scene)
+    return scenes
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Task rows
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _position(obj: SceneObject, width: int, height: int) -> str:
+    cx, cy = (obj.box[0] + obj.box[2]) / 2 / width, (obj.box[1] + obj.box[3]) / 2 / height
+    horizontal = "left" if cx < 1 / 3 else "right" if cx > 2 / 3 else ""
+    vertical = "top" if cy < 1 / 3 else "bottom" if cy > 2 / 3 else ""
+    if not horizontal and not vertical:
+        return "in the center"
+    if not vertical:
+        return f"on the {horizontal}"
+    return f"at the {vertical} {horizontal}".rstrip()
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _join(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _row(scene: Scene, image: Any, split: str, task: str, question: str, answer: str, **meta: Any) -> dict:
+    return {
+        "messages": [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
+            {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+        ],
+        "images": [image],
+        "task": task,
+        "question": question,
+        "answer": answer,
+        "references": meta.get("references") or [answer],
+        "box": list(meta.get("box") or []),
+        "question_type": meta.get("question_type", ""),
+        "pope_setting": meta.get("pope_setting", ""),
+        "object": meta.get("object", ""),
+        "scene_id": scene.scene_id,
+        "split": split,
+        "num_objects": len(scene.objects),
+    }
+
+
+@dataclass
+class _SplitStats:
+    frequency: Counter
+    cooccurrence: dict[str, Counter]
+
+    @classmethod
+    def of(cls, scenes: Sequence[Scene]) -> _SplitStats:
+        frequency: Counter = Counter()
+        cooccurrence: dict[str, Counter] = {}
+        for scene in scenes:
+            names = {o.name for o in scene.objects}
+            frequency.update(names)
+            for name in names:
+                cooccurrence.setdefault(name, Counter()).update(names - {name})
+        return cls(frequency, cooccurrence)
+
+
+def pope_negatives(
+    present: Sequence[SceneObject], setting: str, k: int, rng: random.Random, stats: Any, config: SyntheticConfig
+) -> list[str]:
+    """`k` absent categories for one scene under a POPE setting (see the module docstring for the definitions).
+
+    Args:
+        present (`Sequence[SceneObject]`): the scene's objects.
+        setting (`str`): `"random"`, `"popular"` or `"adversarial"`.
+        k (`int`): how many negatives.
+        rng (`random.Random`): the random stream (used by `random` only).
+        stats: split statistics (`frequency` and `cooccurrence` counters).
+        config ([`SyntheticConfig`]): gives the category vocabulary.
+    """
+    names = {o.name for o in present}
+    absent = [c for c in config.categories if c not in names]
+    if setting == "random":
+        return rng.sample(absent, min(k, len(absent)))
+    if setting == "popular":
+        return sorted(absent, key=lambda c: (-stats.frequency[c], c))[:k]
+    if setting == "adversarial":
+        colours, shapes = {o.colour for o in present}, {o.shape for o in present}
+
+        def rank(category: str) -> tuple:
+            colour, shape = category.split(" ")
+            shares = colour in colours or shape in shapes
+            cooc = sum(stats.cooccurrence.get(n, Counter())[category] for n in names)
+            return (not shares, -cooc, -stats.frequency[category], category)
+
+        return sorted(absent, key=rank)[:k]
+    raise ValueError(f"Unknown POPE setting {setting!r}; use one of {POPE_SETTINGS}.")
+
+
+def _rec_rows(scene, image, split, rng, stats, config):
+    size = (scene.width, scene.height)
+    for obj in scene.objects:
+        box = normalize_box(obj.box, size)
+        question = config.prompts["rec"].format(expression=f"the {obj.name}")
+        yield _row(scene, image, split, "rec", question, format_box(box), box=box, object=obj.name)
+
+
+def _reg_rows(scene, image, split, rng, stats, config):
+    size = (scene.width, scene.height)
+    for obj in scene.objects:
+        box = normalize_box(obj.box, size)
+        answer = f"the {obj.size} {obj.name}"
+        refs = [answer, f"the {obj.name}", f"a {obj.size} {obj.name} {_position(obj, *size)}"]
+        question = config.prompts["reg"].format(box=format_box(box))
+        yield _row(scene, image, split, "reg", question, answer, references=refs, box=box, object=obj.name)
+
+
+def _caption_rows(scene, image, split, rng, stats, config):
+    by_x = sorted(scene.objects, key=lambda o: (o.box[0], o.box[1]))
+    by_y = sorted(scene.objects, key=lambda o: (o.box[1], o.box[0]))
+    size = (scene.width, scene.height)
+    first = _join([f"{_article(o.size)} {o.size} {o.name} {_position(o, *size)}" for o in by_x])
+    count = len(scene.objects)
+    refs = [
+        first[0].upper() + first[1:] + ".",
+        f"{_NUMBER_WORDS[count].capitalize()} shape{'s' if count > 1 else ''} on a white background: "
+        + _join([f"{_article(o.colour)} {o.name}" for o in by_y])
+        + ".",
+        "There "
+        + ("is " if count == 1 else "are ")
+        + _join([f"{_article(o.size)} {o.size} {o.name}" for o in by_y])
+        + ".",
+    ]
+    yield _row(scene, image, split, "caption", config.prompts["caption"], refs[0], references=refs)
+
+
+def _pope_rows(scene, image, split, rng, stats, config):
+    k = min(config.pope_questions_per_scene, len(scene.objects))
+    for setting in POPE_SETTINGS:
+        positives = [o.name for o in rng.sample(list(scene.objects), k)]
+        negatives = pope_negatives(scene.objects, setting, k, rng, stats, config)
+        for name, answer in [(p, "yes") for p in positives] + [(n, "no") for n in negatives]:
+            question = config.prompts["pope"].format(article=_article(name), object=name)
+            yield _row(scene, image, split, "pope", question, answer, pope_setting=setting, object=name)
+
+
+def _vqa_rows(scene, image, split, rng, stats, config):
+    shape_counts = Counter(o.shape for o in scene.objects)
+    colour_counts = Counter(o.colour for o in scene.objects)
+    unique_shapes = [o for o in scene.objects if shape_counts[o.shape] == 1]
+    unique_colours = [o for o in scene.objects if colour_counts[o.colour] == 1]
+    questions = []
+    if unique_shapes:
+        obj = rng.choice(unique_shapes)
+        questions.append(("colour", config.prompts["colour"].format(shape=obj.shape), obj.colour, obj.name))
+    if unique_colours:
+        obj = rng.choice(unique_colours)
+        questions.append(("shape", config.prompts["shape"].format(colour=obj.colour), obj.shape, obj.name))
+    shape = rng.choice(list(config.shape_weights))
+    questions.append(("count", config.prompts["count"].format(shape=shape), str(shape_counts[shape]), ""))
+    for qtype, question, answer, name in questions:
+        yield _row(
+            scene, image, split, "vqa", question, answer, references=[answer] * 10, question_type=qtype, object=name
+        )
+
+
+TASK_BUILDERS = {
+    "rec": _rec_rows,
+    "reg": _reg_rows,
+    "pope": _pope_rows,
+    "vqa": _vqa_rows,
+    "caption": _caption_rows,
+}
+
+
+def _check_tasks(tasks: Sequence[str] | None) -> list[str]:
+    tasks = list(TASKS if tasks is None else tasks)
+    unknown = [t for t in tasks if t not in TASK_BUILDERS]
+    if unknown or not tasks:
+        raise ValueError(f"Unknown or no tasks {unknown or tasks}; choose from {list(TASK_BUILDERS)}.")
+    return tasks
+
+
+def build_rows(
+    scenes: Sequence[Scene],
+    seed: int = 0,
+    split: str = "test",
+    tasks: Sequence[str] | None = None,
+    config: SyntheticConfig | None = None,
+    image_dir: str | os.PathLike | None = None,
+) -> list[dict]:
+    """Task rows (see the module docstring) for the given scenes.
+
+    Args:
+        scenes (`Sequence[Scene]`): from `generate_scenes`.
+        seed (`int`), split (`str`): fix the question sampling stream (separate from the scene stream).
+        tasks (`Sequence[str]`, *optional*): subset of `TASKS` (default: all).
+        config ([`SyntheticConfig`], *optional*): must be the one the scenes were drawn with.
+        image_dir (`str` or `os.PathLike`, *optional*): write `<scene_id>.png` there and put paths in `images`
+            (what `comm_vlm.training.validate_samples` loads); otherwise rows hold PIL images.
+    """
+    tasks = _check_tasks(tasks)
+    config = config or SyntheticConfig()
+    rng = _rng(seed, f"{split}/questions")
+    stats = _SplitStats.of(scenes)
+    if image_dir is not None:
+        Path(image_dir).mkdir(parents=True, exist_ok=True)
+    rows = []
+    for scene in tqdm(scenes, desc=f"Synthetic {split} rows", disable=len(scenes) < 500):
+        image: Any = scene.render()
+        if image_dir is not None:
+            path = Path(image_dir) / f"{scene.scene_id}.png"
+            image.save(path)
+            image = str(path)
+        for task in tasks:
+            rows.extend(TASK_BUILDERS[task](scene, image, split, rng, stats, config))
+    return rows
+
+
+def make_synthetic_dataset(
+    num_scenes: int,
+    seed: int = 0,
+    split: str = "test",
+    tasks: Sequence[str] | None = None,
+    config: SyntheticConfig | None = None,
+    image_dir: str | os.PathLike | None = None,
+    exclude: set | None = None,
+) -> Dataset:
+    """A `datasets.Dataset` of synthetic task rows (PIL images, or paths with `image_dir`).
+
+    Args:
+        num_scenes (`int`): scenes to draw (each gives several rows: about 15 with all tasks).
+        seed (`int`), split (`str`): fix every draw; different splits of one seed draw different streams.
+        tasks (`Sequence[str]`, *optional*): subset of `TASKS`.
+        config ([`SyntheticConfig`], *optional*): drawing parameters.
+        image_dir (`str` or `os.PathLike`, *optional*): write images there and store paths.
+        exclude (`set`, *optional*): scene signatures to avoid (e.g. the train split's).
+    """
+    config = config or SyntheticConfig()
+    scenes = generate_scenes(num_scenes, seed, split, config, exclude)
+    rows = build_rows(scenes, seed, split, tasks, config, image_dir)
+    if not rows:
+        raise ValueError("No rows were generated; ask for at least one scene.")
+    return Dataset.from_list(rows)
+
+
+def make_synthetic_splits(
+    num_train_scenes: int,
+    num_test_scenes: int,
+    seed: int = 0,
+    tasks: Sequence[str] | None = None,
+    config: SyntheticConfig | None = None,
+    image_dir: str | os.PathLike | None = None,
+) -> DatasetDict:
+    """Train and test splits with no identical scene in both (test scenes that equal a train scene are redrawn).
+
+    Args:
+        num_train_scenes (`int`), num_test_scenes (`int`): scenes per split.
+        seed (`int`): fixes both splits.
+        tasks (`Sequence[str]`, *optional*): subset of `TASKS`.
+        config ([`SyntheticConfig`], *optional*): drawing parameters.
+        image_dir (`str` or `os.PathLike`, *optional*): write images under `<image_dir>/<split>/` and store paths.
+    """
+    config = config or SyntheticConfig()
+    train = generate_scenes(num_train_scenes, seed, "train", config)
+    seen = {s.signature() for s in train}
+    test = generate_scenes(num_test_scenes, seed, "test", config, exclude=seen)
+    if seen & {s.signature() for s in test}:
+        raise RuntimeError("A test scene equals a train scene; this is a bug in generate_scenes(exclude=...).")
+    splits = {}
+    for name, scenes in (("train", train), ("test", test)):
+        folder = None if image_dir is None else Path(image_dir) / name
+        splits[name] = Dataset.from_list(build_rows(scenes, seed, name, tasks, config, folder))
+    return DatasetDict(splits)
+
+
+def write_images(dataset: Dataset, directory: str | os.PathLike) -> Dataset:
+    """Saves every row's images as PNG under `directory` (one file per scene and image) and returns the rows with
+    paths in `images`, as `comm_vlm.training.validate_samples` expects.
+
+    Args:
+        dataset (`Dataset`): rows with PIL images (e.g. from `make_synthetic_dataset`).
+        directory (`str` or `os.PathLike`): output folder (created).
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    written: set[str] = set()
+
+    def save(row: dict, index: int) -> dict:
+        paths = []
+        for k, image in enumerate(row["images"]):
+            if isinstance(image, (str, os.PathLike)):
+                paths.append(str(image))
+                continue
+            stem = f"{row.get('scene_id') or f'row{index:07d}'}-{k}"
+            path = directory / f"{stem}.png"
+            if stem not in written:
+                image.save(path)
+                written.add(stem)
+            paths.append(str(path))
+        return {"images": paths}
+
+    features = dataset.features.copy()
+    features["images"] = List(Value("string"))
+    return dataset.map(save, with_indices=True, features=features, load_from_cache_file=False, desc="Writing images")
+
+
+__all__ = [
+    "COLOURS",
+    "POPE_SETTINGS",
+    "PROMPTS",
+    "SHAPES",
+    "TASKS",
+    "Scene",
+    "SceneObject",
+    "SyntheticConfig",
+    "build_rows",
+    "generate_scenes",
+    "make_synthetic_dataset",
+    "make_synthetic_splits",
+    "pope_negatives",
+    "write_images",
+]
