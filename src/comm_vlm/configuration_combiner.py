@@ -1,0 +1,167 @@
+"""Adaptive-combiner model configuration.
+
+The adaptive combiner comes from "Joint Adaptive Representations for Image-Language Learning" (Piergiovanni and
+Angelova 2023, arXiv 2305.19924). Here it is a COMM-family connector: the visual tokens of any vision branch of
+[`CommConfig`] and the prompt's text embeddings are fused into `combiner_num_latents` tokens that enter the LLM in
+place of all the visual tokens (so the processor writes N placeholders per image instead of 576).
+
+The default vision branch is LLaVA-1.5's (one CLIP ViT-L/14-336 encoder, penultimate layer, 2-layer MLP projector):
+the projector is the paper's image projection `P(X_im) = W1 X_im`, a pretrained LLaVA-1.5 checkpoint supplies every
+weight except the combiner's, and the FLOPs claim is measured against exactly that "concatenation" baseline. COMM's
+two encoders with multi-level merging are one call away: `AdaptiveCombinerConfig.from_comm_config(CommConfig())`.
+
+Choices where the paper is silent (each one a field): one standard pre-LN transformer layer after the gated block,
+fusion weights shared across iterations, gates initialised at 0 (Flamingo's tanh-gating convention), MLP ratio 4,
+GELU, "weighted" = softmax-normalised learnable weights over the iterations' outputs, "residual" = the final
+residual stream t_N + F_1 + ... + F_T, "spatial" = adaptive average pooling of the visual token grid to N tokens.
+"""
+
+from transformers import PretrainedConfig
+from transformers.utils import logging
+
+from .configuration_comm import CommConfig
+
+
+logger = logging.get_logger(__name__)
+
+RESAMPLINGS = ("latent", "spatial")
+COMBINATIONS = ("weighted", "residual", "none")
+
+
+class AdaptiveCombinerConfig(CommConfig):
+    r"""
+    Configuration of [`AdaptiveCombinerForConditionalGeneration`]: a [`CommConfig`] vision branch (defaults:
+    LLaVA-1.5's single CLIP ViT-L/14-336, penultimate layer, 2-layer MLP projector) followed by the adaptive combiner.
+
+    Every [`CommConfig`] field keeps its meaning (`image_seq_length` is still the number of visual tokens one image
+    gives the combiner); the combiner adds:
+
+    Args:
+        combiner_num_latents (`int`, defaults to 64): N, the fused tokens per image that replace the visual tokens in
+            the LLM input (the processor writes N image placeholders per image; the paper's default 64).
+        combiner_iterations (`int`, defaults to 4): fusion iterations T (`t_N <- F + t_N` between them).
+        combiner_num_layers (`int`, defaults to 1): standard transformer layers after the gated cross-attention block
+            in each iteration (`F = TransformerLayer(F(t_N, f_N))`).
+        combiner_hidden_size (`int`, *optional*): width D of the combiner. `None` = the LLM width (no extra
+            projections, the paper's setting); otherwise the image and text inputs are projected to D and the output
+            back to the LLM width.
+        combiner_num_heads (`int`, *optional*): attention heads of every combiner attention; `None` = the LLM's
+            `num_attention_heads` (must divide D).
+        combiner_mlp_ratio (`int`, defaults to 4): hidden width of the combiner MLPs as a multiple of D.
+        combiner_hidden_act (`str`, defaults to `"gelu"`): activation of the combiner MLPs.
+        combiner_gating (`bool`, defaults to `True`): tanh(alpha) / tanh(beta) gates on the cross-attention and MLP
+            branches; `False` is the paper's "no gating" ablation (both gates fixed to 1).
+        combiner_gate_init (`float`, defaults to 0.0): initial alpha and beta (0 = closed gates, as in Flamingo).
+        combiner_resampling (`str`, defaults to `"latent"`): how the visual tokens become N tokens. `"latent"`: N
+            learned latent queries attend to them (eq. 2). `"spatial"`: adaptive average pooling of the patch grid to
+            an `h x w = N` grid (h the largest divisor of N not above sqrt(N)), or of the token sequence when the
+            tokens do not form a square grid, followed by W2. The text always uses latents (it has no grid).
+        combiner_combination (`str`, defaults to `"weighted"`): how the T iterations' outputs F_1..F_T become the
+            fused tokens. `"weighted"`: sum_i w_i F_i with w = softmax(learnable logits), initialised equal.
+            `"residual"`: the residual stream after the last iteration, t_N + F_1 + ... + F_T. `"none"`: F_T.
+        combiner_share_weights (`bool`, defaults to `True`): one fusion block reused by every iteration (the paper
+            repeats "the same process"); `False` gives each iteration its own weights.
+        combiner_layer_norm_eps (`float`, defaults to 1e-5): epsilon of the combiner's LayerNorms.
+    """
+
+    model_type = "adaptive_combiner"
+
+    # LLaVA-1.5 vision branch by default (see the module docstring for why).
+    secondary_vision_config: dict | PretrainedConfig | None = None
+    vision_feature_layer: int | list[int] = -2
+    vision_feature_merge: str = "single"
+    vision_aligner: str = "identity"
+    projector_depth: int = 2
+
+    combiner_num_latents: int = 64
+    combiner_iterations: int = 4
+    combiner_num_layers: int = 1
+    combiner_hidden_size: int | None = None
+    combiner_num_heads: int | None = None
+    combiner_mlp_ratio: int = 4
+    combiner_hidden_act: str = "gelu"
+    combiner_gating: bool = True
+    combiner_gate_init: float = 0.0
+    combiner_resampling: str = "latent"
+    combiner_combination: str = "weighted"
+    combiner_share_weights: bool = True
+    combiner_layer_norm_eps: float = 1e-5
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self._validate_combiner()
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Image placeholders per image in the LLM input (= `combiner_num_latents`)."""
+        return self.combiner_num_latents
+
+    @property
+    def combiner_width(self) -> int:
+        """D: `combiner_hidden_size`, or the LLM width when it is `None`."""
+        return self.combiner_hidden_size or self.text_config.hidden_size
+
+    @property
+    def combiner_heads(self) -> int:
+        """Attention heads of the combiner: `combiner_num_heads`, or the LLM's when it is `None`."""
+        return self.combiner_num_heads or self.text_config.num_attention_heads
+
+    @classmethod
+    def from_comm_config(cls, comm_config: CommConfig, **combiner_kwargs) -> "AdaptiveCombinerConfig":
+        """Puts the combiner on any COMM vision branch (e.g. `CommConfig()`: CLIP + DINOv2 with LLN-Layerscale).
+
+        Args:
+            comm_config (`CommConfig`): the vision branch and LLM to keep.
+            combiner_kwargs: `combiner_*` (or any other) fields overriding the branch's.
+        """
+        fields = comm_config.to_dict()
+        for key in ("model_type", "transformers_version", "architectures"):
+            fields.pop(key, None)
+        fields.update(combiner_kwargs)
+        return cls(**fields)
+
+    def _validate_combiner(self) -> None:
+        for name in ("combiner_num_latents", "combiner_iterations", "combiner_num_layers", "combiner_mlp_ratio"):
+            _check_positive_int(name, getattr(self, name))
+        if self.combiner_hidden_size is not None:
+            _check_positive_int("combiner_hidden_size", self.combiner_hidden_size)
+        if self.combiner_num_heads is not None:
+            _check_positive_int("combiner_num_heads", self.combiner_num_heads)
+        if self.combiner_width % self.combiner_heads != 0:
+            raise ValueError(
+                f"The combiner width D={self.combiner_width} is not divisible by its {self.combiner_heads} attention "
+                "heads; set `combiner_num_heads` to a divisor of D (or `combiner_hidden_size` to a multiple of it)."
+            )
+        if self.combiner_resampling not in RESAMPLINGS:
+            raise ValueError(f"`combiner_resampling`={self.combiner_resampling!r} is unknown; allowed: {RESAMPLINGS}.")
+        if self.combiner_combination not in COMBINATIONS:
+            raise ValueError(
+                f"`combiner_combination`={self.combiner_combination!r} is unknown; allowed: {COMBINATIONS}."
+            )
+        if not isinstance(self.combiner_gating, bool):
+            raise ValueError(f"`combiner_gating` must be True or False, got {self.combiner_gating!r}.")
+        if not self.combiner_layer_norm_eps > 0:
+            raise ValueError(f"`combiner_layer_norm_eps` must be > 0, got {self.combiner_layer_norm_eps!r}.")
+        if (
+            self.combiner_resampling == "spatial"
+            and self.image_seq_length is not None
+            and self.combiner_num_latents > self.image_seq_length
+        ):
+            raise ValueError(
+                f"`combiner_resampling`='spatial' averages the {self.image_seq_length} visual tokens into "
+                f"`combiner_num_latents`={self.combiner_num_latents} bins, more than there are tokens; lower "
+                "`combiner_num_latents` or use `combiner_resampling`='latent'."
+            )
+        if self.combiner_num_latents >= (self.image_seq_length or 0) > 0:
+            logger.warning_once(
+                f"`combiner_num_latents`={self.combiner_num_latents} is not below the {self.image_seq_length} visual "
+                "tokens per image: the combiner then saves no LLM compute."
+            )
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+
+
+__all__ = ["AdaptiveCombinerConfig", "COMBINATIONS", "RESAMPLINGS"]

@@ -1,0 +1,609 @@
+"""PyTorch Matryoshka-LLaVA (M3): nested visual tokens on any COMM-family visual branch.
+
+Paper: "Matryoshka Multimodal Models" (Cai et al. 2024, arXiv 2405.17430); official code GitHub
+mu-cai/matryoshka-mm. One set of weights serves S in {1, 9, 36, 144, 576} visual tokens per image:
+
+    pixel_values -> COMM visual branch (encoders, merge, align, projector) -> g x g projected grid
+                 -> avg_pool2d(kernel = stride = g / sqrt(S)) per image (row-major) -> the LLM's image placeholders
+
+* Inference: the scale of every image is read from its placeholder run (the processor writes S placeholders per
+  image, or per-image counts under a token budget and passes them as `matryoshka_image_scales`), so
+  `pipeline("image-text-to-text")` just works; `generate(..., matryoshka_scale=9)` or `visual_token_budget=N`
+  re-lay the prompt for that call (the returned sequences still start with the caller's prompt).
+* Training: with `labels`, the loss is the mean over `config.matryoshka_scales` of each scale's next-token loss
+  (`random_scale`: one random scale per sample). The vision branch runs once per image; all scales are pooled from
+  the same projected grid, and the scale variants are packed into rows (see `packing_matryoshka`) that go through
+  the LLM in one batched call (`matryoshka_packing="one_row"`) or two (`"split"`: full-grid rows, then the packed
+  rest), never one pass per scale. Any Trainer works: the model owns the objective, and forwards patched from
+  outside (TRL's fused LM head, which never passes `labels` to the model's own forward) still get the re-laid batch.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.utils import logging
+
+from .configuration_matryoshka import MatryoshkaLlavaConfig, check_matryoshka_scale, choose_image_scales
+from .modeling_comm import (
+    CommCausalLMOutputWithPast,
+    CommForConditionalGeneration,
+    CommModel,
+    CommModelOutputWithPast,
+    CommPreTrainedModel,
+)
+from .packing_matryoshka import (
+    IGNORE_INDEX,
+    MatryoshkaLayout,
+    build_layout,
+    image_runs,
+    split_image_occurrences,
+    weighted_next_token_loss,
+)
+from .pooling_matryoshka import select_visual_tokens
+
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class MatryoshkaImageOutput(BaseModelOutputWithPooling):
+    """`get_image_features` output. `pooler_output`: one `(tokens, hidden_size)` tensor per image run;
+    `matryoshka_image_scales` `(num_runs,)`: their token counts, `None` when they are full grids (not yet pooled)."""
+
+    matryoshka_image_scales: torch.LongTensor | None = None
+
+
+@dataclass
+class MatryoshkaCausalLMOutputWithPast(CommCausalLMOutputWithPast):
+    """Outputs of [`MatryoshkaLlavaForConditionalGeneration`].
+
+    With `labels` the model re-lays the batch into rows holding the scale variants (see `packing_matryoshka`):
+    `logits` then follow those rows. `matryoshka_image_scales` `(num_runs,)` gives the tokens
+    of every image run the LLM saw, `matryoshka_row_source` `(rows,)` the input sample of each row (`None` when the
+    batch was not re-laid).
+    """
+
+    matryoshka_image_scales: torch.LongTensor | None = None
+    matryoshka_row_source: torch.LongTensor | None = None
+
+
+def _as_list(value) -> list[int] | None:
+    if value is None:
+        return None
+    return [int(v) for v in (value.tolist() if isinstance(value, torch.Tensor) else value)]
+
+
+class MatryoshkaLlavaModel(CommModel):
+    """The COMM backbone (encoders, connector, projector, LLM) with Matryoshka visual token selection."""
+
+    config_class = MatryoshkaLlavaConfig
+    config: MatryoshkaLlavaConfig
+
+    def __init__(self, config: MatryoshkaLlavaConfig):
+        super().__init__(config)
+        for tower in self.vision_towers:
+            tower.requires_grad_(config.train_vision_tower)
+        self.language_model.requires_grad_(config.train_language_model)
+
+    def _check_scales(self, scales: list[int]) -> None:
+        grid = self.config.matryoshka_grid
+        for scale in sorted(set(scales)):
+            check_matryoshka_scale(scale, grid)
+            if scale not in self.config.matryoshka_scales:
+                logger.warning_once(
+                    f"Scale {scale} is valid for the {grid}x{grid} grid but was not trained "
+                    f"(matryoshka_scales={self.config.matryoshka_scales})."
+                )
+
+    def select_tokens(
+        self, full_grid: torch.Tensor, scales: list[int], image_index: list[int] | None = None
+    ) -> list[torch.Tensor]:
+        """Visual tokens of every image run from the full projected grids.
+
+        Args:
+            full_grid (`torch.Tensor` of shape `(num_images, g * g, hidden_size)`): projected features.
+            scales (`list[int]`): tokens of each run.
+            image_index (`list[int]`, *optional*): the image of each run (default: run i is image i).
+
+        Returns:
+            `list[torch.Tensor]`, one `(scale, hidden_size)` tensor per run, pooled with
+            `config.matryoshka_token_selection`; each distinct scale is pooled in one batched op.
+        """
+        image_index = list(range(full_grid.shape[0])) if image_index is None else image_index
+        if len(image_index) != len(scales):
+            raise ValueError(f"Got {len(scales)} image scales for {len(image_index)} image runs; give one per run.")
+        if image_index and max(image_index) >= full_grid.shape[0]:
+            raise ValueError(f"`matryoshka_image_index` refers to image {max(image_index)} of {full_grid.shape[0]}.")
+        self._check_scales(scales)
+        tokens: list[torch.Tensor | None] = [None] * len(scales)
+        for scale in sorted(set(scales)):
+            runs = [i for i, s in enumerate(scales) if s == scale]
+            images = torch.tensor([image_index[i] for i in runs], device=full_grid.device)
+            pooled = select_visual_tokens(full_grid[images], scale, self.config.matryoshka_token_selection)
+            for i, feats in zip(runs, pooled):
+                tokens[i] = feats
+        return tokens  # type: ignore[return-value]
+
+    def get_image_features(
+        self,
+        pixel_values: torch.FloatTensor,
+        matryoshka_scale: int | None = None,
+        matryoshka_image_scales: torch.LongTensor | list[int] | None = None,
+        matryoshka_image_index: torch.LongTensor | list[int] | None = None,
+        **kwargs,
+    ) -> MatryoshkaImageOutput:
+        """Encodes images into LLM-width visual tokens, pooled to the requested scales.
+
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(num_images, 3, H, W)`): as for [`CommModel`].
+            matryoshka_scale (`int`, *optional*): one scale for every image.
+            matryoshka_image_scales (`torch.LongTensor` of shape `(num_runs,)`, *optional*): tokens of each image run.
+            matryoshka_image_index (`torch.LongTensor` of shape `(num_runs,)`, *optional*): image of each run.
+
+        Returns:
+            [`MatryoshkaImageOutput`]: `last_hidden_state` is the full `(num_images, g * g, hidden_size)` grid;
+            `pooler_output` the tokens per run (the full grids when no scale is given, then
+            `matryoshka_image_scales` is `None`).
+        """
+        full = super().get_image_features(pixel_values).last_hidden_state
+        scales = _as_list(matryoshka_image_scales)
+        if scales is None and matryoshka_scale is not None:
+            scales = [int(matryoshka_scale)] * full.shape[0]
+        if scales is None:
+            return MatryoshkaImageOutput(last_hidden_state=full, pooler_output=list(full))
+        tokens = self.select_tokens(full, scales, _as_list(matryoshka_image_index))
+        return MatryoshkaImageOutput(
+            last_hidden_state=full,
+            pooler_output=tokens,
+            matryoshka_image_scales=torch.tensor(scales, dtype=torch.long, device=full.device),
+        )
+
+    def placeholder_mask(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """Boolean `(B, T)` mask of image placeholder positions."""
+        if input_ids is not None:
+            return input_ids == self.config.image_token_id
+        image_embed = self.get_input_embeddings()(
+            torch.tensor(self.config.image_token_id, dtype=torch.long, device=inputs_embeds.device)
+        )
+        return (inputs_embeds == image_embed).all(-1)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
+        matryoshka_scale: int | None = None,
+        matryoshka_image_scales: torch.LongTensor | None = None,
+        matryoshka_image_index: torch.LongTensor | None = None,
+        matryoshka_rows: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> CommModelOutputWithPast:
+        """
+        Args:
+            input_ids (`torch.LongTensor` of shape `(B, T)`): text whose image placeholder runs hold each image's
+                scale (S placeholders = S visual tokens).
+            pixel_values (`torch.FloatTensor` of shape `(num_images, 3, H, W)`, *optional*): the images, in order.
+            attention_mask (`torch.Tensor` of shape `(B, T)` or a 4D mask `(B, 1, T, T)`, *optional*).
+            position_ids (`torch.LongTensor` of shape `(B, T)`, *optional*).
+            mm_encoder_outputs (`dict`, *optional*): `{"image": get_image_features(...)}` computed beforehand.
+            matryoshka_scale (`int`, *optional*): the scale of every image; must match the placeholders.
+            matryoshka_image_scales (`torch.LongTensor` of shape `(num_runs,)`, *optional*): tokens of each image run
+                (the processor returns it; needed only when runs of different scales touch).
+            matryoshka_image_index (`torch.LongTensor` of shape `(num_runs,)`, *optional*): the image of each run
+                (a re-laid training batch shows an image once per scale).
+            matryoshka_rows (`torch.LongTensor` of shape `(B, 2)`, *optional*): real length and packed flag of every
+                row of a re-laid training batch (`MatryoshkaLayout.rows`); plain and packed rows then run as two
+                trimmed LLM calls.
+        """
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds.")
+        image_outputs = (mm_encoder_outputs or {}).get("image")
+        if pixel_values is not None and image_outputs is not None:
+            raise ValueError("Pass either pixel_values or mm_encoder_outputs['image'], not both.")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        image_features = None
+        if image_outputs is None and pixel_values is not None:
+            image_outputs = self.get_image_features(pixel_values)
+        if image_outputs is not None:
+            mask = self.placeholder_mask(input_ids, inputs_embeds)
+            image_features = self._image_tokens(
+                image_outputs, mask, matryoshka_scale, _as_list(matryoshka_image_scales), matryoshka_image_index
+            )
+            image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
+            inputs_embeds = inputs_embeds.masked_scatter(mask.unsqueeze(-1), image_features)
+
+        if matryoshka_rows is not None and past_key_values is None and attention_mask is not None:
+            return self._bucketed_language_model(
+                inputs_embeds, attention_mask, position_ids, matryoshka_rows, image_features, kwargs
+            )
+        outputs = self.language_model(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            **kwargs,
+        )
+        return CommModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=image_features,
+        )
+
+    def _bucketed_language_model(self, inputs_embeds, attention_mask, position_ids, rows, image_features, kwargs):
+        """Runs a re-laid training batch as two LLM calls, plain rows (causal) and packed rows (4D mask), each trimmed
+        to its longest row; rows are independent, so this equals one call on the padded batch. Padding positions of
+        the returned `last_hidden_state` are zero."""
+        if kwargs.get("output_hidden_states") or kwargs.get("output_attentions"):
+            raise ValueError("A re-laid Matryoshka training batch returns no per-layer hidden states or attentions.")
+        lengths, packed = rows[:, 0], rows[:, 1].bool()
+        hidden = torch.zeros_like(inputs_embeds)
+        for is_packed in (False, True):
+            idx = (packed == is_packed).nonzero().squeeze(1)
+            if idx.numel() == 0:
+                continue
+            length = int(lengths[idx].max())
+            positions = None
+            if attention_mask.ndim == 2:
+                mask = attention_mask[idx, :length]
+            elif is_packed:
+                mask = attention_mask[idx][..., :length, :length]
+                positions = None if position_ids is None else position_ids[idx, :length]
+            else:  # plain causal rows, right-padded
+                mask = (torch.arange(length, device=idx.device)[None] < lengths[idx, None]).long()
+            out = self.language_model(
+                inputs_embeds=inputs_embeds[idx, :length], attention_mask=mask, position_ids=positions, **kwargs
+            )
+            hidden = hidden.index_copy(0, idx, F.pad(out.last_hidden_state, (0, 0, 0, hidden.shape[1] - length)))
+        return CommModelOutputWithPast(last_hidden_state=hidden, image_hidden_states=image_features)
+
+    def _image_tokens(self, image_outputs, mask, scale, run_scales, run_index) -> torch.Tensor:
+        """`(total_visual_tokens, hidden_size)` for the placeholder mask: pooled outputs as they are, or full grids
+        pooled to the scale of each run (explicit, or read from the run lengths)."""
+        if getattr(image_outputs, "matryoshka_image_scales", None) is not None:
+            features = torch.cat(list(image_outputs.pooler_output), dim=0)
+        else:
+            full = image_outputs.last_hidden_state
+            if full is None or full.ndim != 3:
+                full = torch.stack(list(image_outputs.pooler_output))
+            index = _as_list(run_index)
+            num_runs = full.shape[0] if index is None else len(index)
+            if run_scales is None and scale is not None:
+                run_scales = [int(scale)] * num_runs
+                if int(scale) * num_runs != int(mask.sum()):
+                    raise ValueError(
+                        f"matryoshka_scale={scale} needs {int(scale) * num_runs} image tokens for {num_runs} image(s) "
+                        f"but the text has {int(mask.sum())}: build the inputs with "
+                        f"MatryoshkaLlavaProcessor(..., matryoshka_scale={scale}), or call "
+                        "generate(..., matryoshka_scale=...), which re-lays the prompt."
+                    )
+            occurrences = split_image_occurrences(mask, num_runs, run_scales)
+            run_scales = [length for row in occurrences for _, length in row]
+            features = torch.cat(self.select_tokens(full, run_scales, index), dim=0)
+        if int(mask.sum()) != features.shape[0]:
+            raise ValueError(
+                f"Image features and image tokens do not match: the text has {int(mask.sum())} image tokens "
+                f"(id {self.config.image_token_id}) but the images give {features.shape[0]} visual tokens. Write one "
+                f"run of S placeholders per image with S a scale of the {self.config.matryoshka_grid}x"
+                f"{self.config.matryoshka_grid} grid ({self.config.valid_scales()}); "
+                "MatryoshkaLlavaProcessor(..., matryoshka_scale=S) does."
+            )
+        return features
+
+
+class MatryoshkaLlavaForConditionalGeneration(CommForConditionalGeneration):
+    """M3 with a language-modeling head: per-request scales in `generate`, all-scale loss with `labels`.
+
+    `accepts_loss_kwargs = False`: the loss is the (weighted) token mean of the batch the model builds, so Trainers
+    must not rescale it with a token count of the unexpanded batch.
+    """
+
+    config_class = MatryoshkaLlavaConfig
+    config: MatryoshkaLlavaConfig
+    accepts_loss_kwargs = False
+
+    def __init__(self, config: MatryoshkaLlavaConfig):
+        CommPreTrainedModel.__init__(self, config)
+        self.model = MatryoshkaLlavaModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+        self.lm_head.requires_grad_(config.train_language_model)
+
+    def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs) -> MatryoshkaImageOutput:
+        return self.model.get_image_features(pixel_values, **kwargs)
+
+    # ---- training layout --------------------------------------------------------------------------------------
+
+    def matryoshka_layout(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        matryoshka_scale: int | None = None,
+        matryoshka_image_scales: torch.LongTensor | list[int] | None = None,
+        num_images: int | None = None,
+        weighted: bool = True,
+    ) -> MatryoshkaLayout:
+        """The batch the LLM sees for the training objective (see `packing_matryoshka`).
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(B, T)`): one placeholder run per image, any length.
+            attention_mask (`torch.Tensor` of shape `(B, T)`, *optional*): padding (either side) is dropped.
+            labels (`torch.LongTensor` of shape `(B, T)`, *optional*): targets; image positions become -100.
+            matryoshka_scale (`int`, *optional*): one scale for every image (a single-scale loss).
+            matryoshka_image_scales (`torch.LongTensor` of shape `(num_images,)`, *optional*): the current tokens of
+                each image (the processor's output), to split touching runs.
+            num_images (`int`, *optional*): images in the batch (inferred from the runs when `None`).
+            weighted (`bool`): allow the shared-prefix layout with prefix weights (the model's own loss). `False`
+                gives uniform weights, for losses computed outside the model.
+        """
+        counts = _as_list(matryoshka_image_scales)
+        mask = input_ids == self.config.image_token_id
+        if attention_mask is not None and attention_mask.ndim == 2:
+            mask &= attention_mask.bool()
+        if num_images is None:
+            num_images = len(counts) if counts is not None else sum(len(row) for row in image_runs(mask))
+        occurrences = split_image_occurrences(mask, num_images, counts)
+        counts = [length for row in occurrences for _, length in row]
+        if matryoshka_scale is not None:
+            check_matryoshka_scale(matryoshka_scale, self.config.matryoshka_grid)
+            variants = [[[matryoshka_scale] * len(occ)] for occ in occurrences]
+        elif self.config.matryoshka_training_mode == "random_scale" and self.training:
+            scales = self.config.matryoshka_scales
+            picks = torch.randint(len(scales), (len(occurrences),)).tolist()
+            variants = [[[scales[p]] * len(occ)] for p, occ in zip(picks, occurrences)]
+        else:
+            variants = [[[s] * len(occ) for s in self.config.matryoshka_scales] for occ in occurrences]
+        # Packed layouts need a custom 4D mask: bool for SDPA, additive for eager; other kernels get padded rows.
+        attn = getattr(self.model.language_model.config, "_attn_implementation", None) or "sdpa"
+        layout = "packed_shared" if self.config.matryoshka_share_prefix else "packed"
+        mask_dtype = self.dtype if attn == "eager" else None
+        if attn not in ("sdpa", "eager"):
+            layout = "padded"
+        packing = self.config.matryoshka_packing
+        split = packing == "split" or (packing == "auto" and input_ids.device.type == "cpu")
+        pad_id = self.config.text_config.pad_token_id
+        build = functools.partial(
+            build_layout,
+            input_ids,
+            attention_mask if attention_mask is None or attention_mask.ndim == 2 else None,
+            labels,
+            self.config.image_token_id,
+            variants,
+            token_counts=counts,
+            pad_token_id=0 if pad_id is None else pad_id,
+            mask_dtype=mask_dtype,
+            split_largest=split,
+        )
+        result = build(layout=layout)
+        if not weighted and result.label_weights is not None:
+            weighted_labels = (result.label_weights != 1) & (result.labels != IGNORE_INDEX)
+            if bool(weighted_labels.any()):
+                result = build(layout="packed")
+        return result
+
+    def _relay_training_kwargs(self, kwargs: dict, weighted: bool) -> tuple[dict, MatryoshkaLayout | None]:
+        """Re-lays a forward's kwargs for the objective when it has labels, images and an input_ids batch."""
+        labels = kwargs.get("labels")
+        has_images = kwargs.get("pixel_values") is not None or (kwargs.get("mm_encoder_outputs") or {}).get("image")
+        if labels is None or not has_images or kwargs.get("matryoshka_image_index") is not None:
+            return kwargs, None
+        if kwargs.get("input_ids") is None:
+            raise ValueError("The Matryoshka objective re-lays `input_ids`; pass input_ids, not inputs_embeds.")
+        if kwargs.get("position_ids") is not None or kwargs.get("past_key_values") is not None:
+            raise ValueError(
+                "The Matryoshka objective builds its own positions; train without position_ids/past_key_values "
+                "(padded batches, no padding-free packing)."
+            )
+        pixel_values = kwargs.get("pixel_values")
+        layout = self.matryoshka_layout(
+            kwargs["input_ids"],
+            kwargs.get("attention_mask"),
+            labels,
+            matryoshka_scale=kwargs.get("matryoshka_scale"),
+            matryoshka_image_scales=kwargs.get("matryoshka_image_scales"),
+            num_images=None if pixel_values is None else pixel_values.shape[0],
+            weighted=weighted,
+        )
+        kwargs = {**kwargs}
+        kwargs.update(
+            input_ids=layout.input_ids,
+            attention_mask=layout.attention_mask,
+            position_ids=layout.position_ids,
+            labels=layout.labels,
+            matryoshka_scale=None,
+            matryoshka_image_scales=layout.image_scales,
+            matryoshka_image_index=layout.image_index,
+            matryoshka_rows=layout.rows,
+        )
+        return kwargs, layout
+
+    def __setattr__(self, name: str, value) -> None:
+        # Trainers may replace `forward` on the instance (TRL's fused LM head computes the loss itself from the
+        # backbone and the labels); wrap the replacement so the batch it sees is already re-laid for all scales.
+        if name == "forward" and callable(value) and not getattr(value, "_matryoshka_adapter", False):
+            own = getattr(value, "__self__", None) is self and getattr(value, "__func__", None) is type(self).forward
+            if not own:
+                value = self._adapt_forward(value)
+        super().__setattr__(name, value)
+
+    def _adapt_forward(self, forward):
+        """Wraps a forward installed on the instance: positional args named, training batches re-laid (uniform
+        loss weights, since the wrapped forward may compute the loss itself)."""
+        code = type(self).forward.__code__
+        names = code.co_varnames[1 : code.co_argcount]
+
+        @functools.wraps(forward)
+        def adapted(*args, **kwargs):
+            kwargs.update(zip(names, args))
+            kwargs, _ = self._relay_training_kwargs(kwargs, weighted=False)
+            return forward(**kwargs)
+
+        adapted._matryoshka_adapter = True
+        return adapted
+
+    # ---- forward / loss ---------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
+        matryoshka_scale: int | None = None,
+        matryoshka_image_scales: torch.LongTensor | None = None,
+        matryoshka_image_index: torch.LongTensor | None = None,
+        matryoshka_rows: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> MatryoshkaCausalLMOutputWithPast:
+        """
+        Args:
+            labels (`torch.LongTensor` of shape `(B, T)`, *optional*): next-token targets (-100 = ignored). The batch
+                is then re-laid and the loss is the mean over `config.matryoshka_scales` of each scale's token-mean
+                loss (`matryoshka_scale=S`: the loss at S only; `random_scale` mode in training: one random scale
+                per sample). Image placeholders are never targets.
+            matryoshka_scale (`int`, *optional*): without labels, the scale the placeholders hold (checked); with
+                labels, the single scale to train.
+
+        See [`MatryoshkaLlavaModel.forward`] for the other arguments.
+        """
+        call = dict(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            mm_encoder_outputs=mm_encoder_outputs,
+            matryoshka_scale=matryoshka_scale,
+            matryoshka_image_scales=matryoshka_image_scales,
+            matryoshka_image_index=matryoshka_image_index,
+            matryoshka_rows=matryoshka_rows,
+        )
+        call, layout = self._relay_training_kwargs(call, weighted=True)
+        labels = call.pop("labels")
+        kwargs.pop("num_items_in_batch", None)
+        outputs = self.model(**call, **kwargs)
+        hidden_states = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int):
+            hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
+        else:
+            hidden_states = hidden_states[:, logits_to_keep]
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            if logits.shape[1] != labels.shape[1]:
+                raise ValueError("`labels` need the logits of every position; leave logits_to_keep at 0.")
+            loss = weighted_next_token_loss(logits, labels, None if layout is None else layout.label_weights)
+        return MatryoshkaCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=outputs.image_hidden_states,
+            matryoshka_image_scales=None if layout is None else layout.image_scales,
+            matryoshka_row_source=None if layout is None else layout.row_source,
+        )
+
+    # ---- generation -------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self,
+        inputs: torch.Tensor | None = None,
+        *args,
+        matryoshka_scale: int | None = None,
+        visual_token_budget: int | None = None,
+        budget_strategy: str = "uniform",
+        **kwargs,
+    ):
+        """`GenerationMixin.generate` with a per-call scale.
+
+        Args:
+            matryoshka_scale (`int`, *optional*): visual tokens for every image of this call.
+            visual_token_budget (`int`, *optional*): total visual tokens per prompt; per-image scales are chosen
+                from `config.matryoshka_scales` (see `choose_image_scales`).
+            budget_strategy (`str`): `uniform` (one scale for all images of a prompt, the paper's video setting) or
+                `greedy`.
+
+        Without either, every image keeps the scale its placeholder run has. When the prompt's runs differ from the
+        requested scales, the prompt is re-laid (left-padded) for this call and the returned sequences still begin
+        with the caller's `input_ids`, so `output[:, input_ids.shape[1]:]` are the new tokens.
+        """
+        input_ids = kwargs.pop("input_ids", inputs)
+        pixel_values = kwargs.get("pixel_values")
+        if input_ids is None or pixel_values is None:
+            if matryoshka_scale is not None or visual_token_budget is not None:
+                raise ValueError("matryoshka_scale/visual_token_budget need input_ids and pixel_values.")
+            return super().generate(input_ids, *args, **kwargs)
+        if matryoshka_scale is not None and visual_token_budget is not None:
+            raise ValueError("Pass either matryoshka_scale or visual_token_budget, not both.")
+        attention_mask = kwargs.get("attention_mask")
+        mask = input_ids == self.config.image_token_id
+        if attention_mask is not None:
+            mask &= attention_mask.bool()
+        occurrences = split_image_occurrences(
+            mask, pixel_values.shape[0], _as_list(kwargs.get("matryoshka_image_scales"))
+        )
+        current = [[length for _, length in row] for row in occurrences]
+        if matryoshka_scale is not None:
+            target = [[int(matryoshka_scale)] * len(row) for row in current]
+        elif visual_token_budget is not None:
+            scales = self.config.matryoshka_scales
+            target = [choose_image_scales(len(row), visual_token_budget, scales, budget_strategy) for row in current]
+        else:
+            target = current
+        flat_target = [s for row in target for s in row]
+        self.model._check_scales(flat_target)
+        kwargs["matryoshka_image_scales"] = torch.tensor(flat_target, dtype=torch.long, device=input_ids.device)
+        if target == current:
+            return super().generate(input_ids, *args, **kwargs)
+        pad_id = self.config.text_config.pad_token_id
+        layout = build_layout(
+            input_ids,
+            attention_mask,
+            None,
+            self.config.image_token_id,
+            [[row] for row in target],
+            token_counts=[s for row in current for s in row],
+            pad_token_id=0 if pad_id is None else pad_id,
+            layout="padded",
+            padding_side="left",
+        )
+        kwargs["attention_mask"] = layout.attention_mask
+        output = super().generate(layout.input_ids, *args, **kwargs)
+        sequences = output if isinstance(output, torch.Tensor) else output.sequences
+        prompt = input_ids.repeat_interleave(sequences.shape[0] // input_ids.shape[0], dim=0)
+        sequences = torch.cat([prompt, sequences[:, layout.input_ids.shape[1] :]], dim=1)
+        if isinstance(output, torch.Tensor):
+            return sequences
+        output.sequences = sequences
+        return output
+
+
+__all__ = [
+    "MatryoshkaCausalLMOutputWithPast",
+    "MatryoshkaImageOutput",
+    "MatryoshkaLlavaForConditionalGeneration",
+    "MatryoshkaLlavaModel",
+]
