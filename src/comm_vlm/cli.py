@@ -2,6 +2,8 @@
 
     comm-vlm demo [--output-dir DIR] [--layout comm|llava]
     comm-vlm train --recipe NAME_OR_YAML [--output-dir DIR] [key=value ...]
+    comm-vlm convert --from {llava-hf,llava-original} SRC DST [--to comm|matryoshka_llava] [--vision-tower P]
+    comm-vlm push SRC REPO_ID [--card CARD.json] [--recipe NAME] [--max-shard-size 5GB] [--local-dir DIR]
 
 `demo` (the main job until training/evaluation land): builds a tiny random COMM (CLIP + DINOv2 with LLN-Layerscale
 merging) and its processor fully offline, saves them with `save_pretrained` (safetensors), reloads with the Auto
@@ -11,6 +13,11 @@ classes, checks the reload is exact, and answers a chat prompt about a generated
 `train` runs a YAML recipe's stages in order on TRL's SFTTrainer (see `comm_vlm.training.recipes`); `key=value`
 overrides apply to every stage's SFTConfig (e.g. `max_steps=3 resume=true`). Under `accelerate launch` it runs on
 every process (DDP, FSDP, DeepSpeed: `comm_vlm/accelerate_configs/`).
+
+`convert` turns a LLaVA-1.5 checkpoint (llava-hf or LLaVA / M3 training-code layout) into a `comm` or
+`matryoshka_llava` one with processor, remote code and model card (`comm_vlm.convert`). `push` uploads a saved
+checkpoint with remote code and a rendered model card in one commit, or writes that repo to `--local-dir` only
+(`comm_vlm.hub`).
 """
 
 from __future__ import annotations
@@ -92,10 +99,17 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--recipe", required=True, help="shipped recipe name (e.g. tiny_comm, comm) or YAML path")
     train.add_argument("--output-dir", default="outputs/train")
     train.add_argument("overrides", nargs="*", help="SFTConfig overrides for every stage, as key=value")
+    _add_hub_commands(sub)
     args = parser.parse_args(argv)
 
     if args.command == "train":
         return _train(args)
+    if args.command in ("convert", "push"):
+        try:
+            return _convert(args) if args.command == "convert" else _push(args)
+        except ValueError as err:
+            sys.stderr.write(f"comm-vlm {args.command}: {err}\n")
+            return 2
     np.random.seed(args.seed)
     result = run_demo(args.output_dir, layout=args.layout, seed=args.seed)
     width = max(len(k) for k in result)
@@ -118,6 +132,88 @@ def _train(args: argparse.Namespace) -> int:
             f"{result.stage}: final model {result.output_dir}; train loss {result.train_loss:.4f} "
             f"(logged {losses}); {result.skip_report}\n"
         )
+    return 0
+
+
+def _add_hub_commands(sub: argparse._SubParsersAction) -> None:
+    convert = sub.add_parser("convert", help="convert a LLaVA-1.5 checkpoint to comm / matryoshka_llava")
+    convert.add_argument("--from", dest="source_layout", required=True, choices=["llava-hf", "llava-original"])
+    convert.add_argument("source", help="source checkpoint directory (safetensors)")
+    convert.add_argument("output", help="output directory (must not exist or be empty, unless --overwrite)")
+    convert.add_argument("--to", dest="target", choices=["comm", "matryoshka_llava"], default="comm")
+    convert.add_argument("--vision-tower", help="llava-original: CLIP directory or Hub id (default: mm_vision_tower)")
+    convert.add_argument("--matryoshka-scales", help="matryoshka_llava: trained scales, e.g. 1,9,36,144,576")
+    convert.add_argument("--base-model", help="Hub id of the source, recorded in the model card")
+    convert.add_argument("--max-shard-size", default="5GB")
+    convert.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    push = sub.add_parser("push", help="push a checkpoint with remote code and a model card to the Hub")
+    push.add_argument("source", help="checkpoint directory saved by this package")
+    push.add_argument("repo_id", help="Hub repo, e.g. me/comm-7b (also used in the card with --local-dir)")
+    push.add_argument("--card", help="JSON file with model-card fields (see comm_vlm.hub.ModelCardInfo)")
+    push.add_argument("--recipe", help="training recipe (name or YAML) to describe in the card")
+    push.add_argument("--max-shard-size", default="5GB")
+    push.add_argument("--private", action="store_true")
+    push.add_argument("--revision", help="branch to commit to")
+    push.add_argument("--create-pr", action="store_true")
+    push.add_argument("--commit-message")
+    push.add_argument("--local-dir", help="write the repo's files here instead of uploading (no network)")
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from .convert import convert_checkpoint
+
+    scales = [int(s) for s in args.matryoshka_scales.split(",")] if args.matryoshka_scales else None
+    files = convert_checkpoint(
+        args.source,
+        args.output,
+        args.source_layout,
+        args.target,
+        vision_tower=args.vision_tower,
+        matryoshka_scales=scales,
+        base_model=args.base_model,
+        overwrite=args.overwrite,
+        max_shard_size=args.max_shard_size,
+    )
+    sys.stdout.write(f"wrote {args.output}: {', '.join(files)}\n")
+    return 0
+
+
+def _push(args: argparse.Namespace) -> int:
+    import json
+
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from .hub import ModelCardInfo, push_to_hub, save_for_hub, training_from_recipe
+
+    card = ModelCardInfo.from_dict(json.loads(Path(args.card).read_text())) if args.card else ModelCardInfo()
+    card.repo_id = card.repo_id or args.repo_id
+    if args.recipe:
+        from .training import load_recipe
+
+        recipe = load_recipe(args.recipe)
+        card.training = training_from_recipe(recipe)
+        source = recipe.get("model", {})
+        parts = [*(source.get("assemble") or {}).values(), source.get("pretrained")]
+        card.base_model = card.base_model or [p for p in parts if isinstance(p, str) and not Path(p).exists()]
+    model = AutoModelForImageTextToText.from_pretrained(args.source)
+    has_processor = any((Path(args.source) / f).is_file() for f in ("processor_config.json", "tokenizer_config.json"))
+    processor = AutoProcessor.from_pretrained(args.source) if has_processor else None
+    if args.local_dir:
+        files = save_for_hub(model, args.local_dir, processor, card, max_shard_size=args.max_shard_size)
+        sys.stdout.write(f"wrote {args.local_dir}: {', '.join(files)}\n")
+        return 0
+    commit = push_to_hub(
+        model,
+        args.repo_id,
+        processor,
+        card,
+        max_shard_size=args.max_shard_size,
+        private=args.private or None,
+        revision=args.revision,
+        create_pr=args.create_pr,
+        commit_message=args.commit_message,
+    )
+    sys.stdout.write(f"pushed to {args.repo_id}: {getattr(commit, 'commit_url', commit)}\n")
     return 0
 
 
