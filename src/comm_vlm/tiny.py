@@ -133,17 +133,18 @@ def save_tiny_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def tiny_comm_config(layout: str = "comm", vocab_size: int = 320, **overrides: Any):
-    """A tiny `CommConfig`.
+def tiny_comm_config(layout: str = "comm", vocab_size: int = 320, family: str = "comm", **overrides: Any):
+    """A tiny config of a COMM-family model.
 
     Args:
         layout (`str`): `"comm"` (CLIP all layers LLN-Layerscale + DINOv2 last half LLN-Layerscale + MLP, linear
             projector: COMM's architecture at toy size) or `"llava"` (one CLIP encoder, penultimate layer, identity
             aligner, 2-layer MLP projector: LLaVA-1.5's architecture).
-        overrides: any `CommConfig` field.
+        family (`str`): `"comm"`, `"matryoshka_llava"` or `"adaptive_combiner"` (the config class; its own fields
+            such as `matryoshka_scales` or `combiner_num_latents` go in `overrides`).
+        overrides: any field of the family's config.
     """
-    from .configuration_comm import CommConfig
-
+    config_class = _family(family)[0]
     if layout == "comm":
         fields: dict[str, Any] = {
             "vision_config": tiny_vision_config("clip_vision_model"),
@@ -164,7 +165,30 @@ def tiny_comm_config(layout: str = "comm", vocab_size: int = 320, **overrides: A
         raise ValueError(f"Unknown layout {layout!r}; use 'comm' or 'llava'.")
     fields.update(text_config=tiny_text_config(vocab_size), image_token_index=IMAGE_TOKEN_ID)
     fields.update(overrides)
-    return CommConfig(**fields)
+    return config_class(**fields)
+
+
+def _family(name: str) -> tuple[type, type, type]:
+    """(config class, model class, processor class) of a registered family."""
+    from . import (
+        AdaptiveCombinerConfig,
+        AdaptiveCombinerForConditionalGeneration,
+        CommConfig,
+        CommForConditionalGeneration,
+        CommProcessor,
+        MatryoshkaLlavaConfig,
+        MatryoshkaLlavaForConditionalGeneration,
+        MatryoshkaLlavaProcessor,
+    )
+
+    families = {
+        "comm": (CommConfig, CommForConditionalGeneration, CommProcessor),
+        "matryoshka_llava": (MatryoshkaLlavaConfig, MatryoshkaLlavaForConditionalGeneration, MatryoshkaLlavaProcessor),
+        "adaptive_combiner": (AdaptiveCombinerConfig, AdaptiveCombinerForConditionalGeneration, CommProcessor),
+    }
+    if name not in families:
+        raise ValueError(f"Unknown model family {name!r}; use one of {sorted(families)}.")
+    return families[name]
 
 
 def tiny_llava_config(vocab_size: int = 320, **overrides: Any):
@@ -197,28 +221,39 @@ def tiny_image_processor(image_size: int = 28):
 
 
 def build_tiny_checkpoint(
-    path: str | os.PathLike, layout: str = "comm", seed: int = 0, vocab_size: int = 320, **overrides: Any
+    path: str | os.PathLike,
+    layout: str = "comm",
+    seed: int = 0,
+    vocab_size: int = 320,
+    family: str = "comm",
+    **overrides: Any,
 ):
     """Builds a random tiny model + processor and saves both to `path` (safetensors). Returns `(model, processor)`.
 
     Args:
-        layout (`str`): `"comm"` or `"llava"` (see `tiny_comm_config`).
+        layout (`str`): `"comm"` or `"llava"` vision branch (see `tiny_comm_config`).
         vocab_size (`int`): size of the in-memory BPE tokenizer and of the LLM's vocabulary.
-        overrides: `CommConfig` fields.
+        family (`str`): `"comm"`, `"matryoshka_llava"` or `"adaptive_combiner"`.
+        overrides: fields of the family's config.
     """
     import torch
 
-    from .modeling_comm import CommForConditionalGeneration
-    from .processing_comm import CommProcessor
-
     torch.manual_seed(seed)
-    config = tiny_comm_config(layout, vocab_size=vocab_size, **overrides)
-    model = CommForConditionalGeneration(config).eval()
-    processor = CommProcessor(
+    config = tiny_comm_config(layout, vocab_size=vocab_size, family=family, **overrides)
+    _, model_class, processor_class = _family(family)
+    model = model_class(config).eval()
+    processor_kwargs = {}
+    if family == "matryoshka_llava":
+        processor_kwargs = {
+            "matryoshka_scales": config.matryoshka_scales,
+            "matryoshka_default_scale": config.matryoshka_default_scale,
+        }
+    processor = processor_class(
         image_processor=tiny_image_processor(config.vision_config.image_size),
         tokenizer=build_tiny_tokenizer(vocab_size),
-        num_image_tokens=config.image_seq_length,
+        num_image_tokens=getattr(config, "combiner_num_latents", config.image_seq_length),
         chat_template=CHAT_TEMPLATE,
+        **processor_kwargs,
     )
     model.save_pretrained(path)
     processor.save_pretrained(path)
