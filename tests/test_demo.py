@@ -1,5 +1,7 @@
 """The README's main job and `pipeline("image-text-to-text")` on a tiny offline checkpoint."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -19,7 +21,7 @@ def test_demo_round_trips_and_answers(tmp_path, layout):
 
 
 def test_cli_exit_code(tmp_path, capsys):
-    assert main(["demo", "--output-dir", str(tmp_path / "cli")]) == 0
+    assert main(["plumbing", "--output-dir", str(tmp_path / "cli")]) == 0
     assert "reload_max_abs_logit_diff  0.0" in capsys.readouterr().out
 
 
@@ -34,3 +36,20 @@ def test_pipeline_generates_like_model_generate(tmp_path):
     inputs = processor(images=image, text=prompt, return_tensors="pt")
     ids = model.generate(**inputs, max_new_tokens=6, do_sample=False)[0, inputs["input_ids"].shape[1] :]
     assert out == processor.decode(ids, skip_special_tokens=True)
+
+
+def test_main_job_quick_runs_every_family_end_to_end(tmp_path):
+    from comm_vlm.main_job import FAMILIES, MainJobConfig, run_main_job
+
+    results = run_main_job(tmp_path, MainJobConfig.quick())
+    assert list(results["models"]) == list(FAMILIES)
+    for family, result in results["models"].items():
+        assert [s["stage"] for s in result["stages"]] == list(FAMILIES[family]["stages"])
+        assert (Path(result["final_dir"]) / "model.safetensors").exists()
+        assert {"rec", "reg", "pope", "vqa", "caption"} <= set(result["eval"])
+        assert set(result["encoder_warmup_patch_accuracy"]) <= {"vision", "secondary_vision"}
+        assert isinstance(result["served"]["answer"], str)
+    assert Path(results["models"]["matryoshka_llava"]["plot"]).exists()
+    table = (tmp_path / "results.md").read_text()
+    assert "| task | metric (x100) | comm | matryoshka_llava | adaptive_combiner | baseline |" in table
+    assert (tmp_path / "results.json").exists()

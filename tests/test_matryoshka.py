@@ -409,3 +409,12 @@ def test_oracle_report_on_a_hand_made_table():
     assert "| oracle | 117.60 | 0.8000 |" in report.to_markdown()
     with pytest.raises(ValueError, match="Scale 9 has 4 predictions for 5 references"):
         oracle_analysis({1: references, 9: references[:4]}, references)
+
+
+def test_plot_oracle_writes_a_figure(tmp_path):
+    pytest.importorskip("matplotlib")
+    from comm_vlm import plot_oracle
+
+    report = oracle_analysis({1: ["a", "b"], 9: ["a", "c"], 576: ["x", "c"]}, ["a", "c"])
+    ax = plot_oracle(report, path=str(tmp_path / "oracle.png"), title="granularity")
+    assert (tmp_path / "oracle.png").stat().st_size > 0 and ax.get_xscale() == "log"
