@@ -253,20 +253,7 @@ class AdaptiveCombinerModel(AdaptiveCombinerPreTrainedModel, CommModel):
             fused = fused.reshape(-1, fused.shape[-1])  # (num_images * N, D_llm)
             inputs_embeds = inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), fused)
 
-        outputs = self.language_model(
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            **kwargs,
-        )
-        return CommModelOutputWithPast(
-            last_hidden_state=outputs.last_hidden_state,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            image_hidden_states=fused,
-        )
+        return self.run_language_model(inputs_embeds, attention_mask, position_ids, past_key_values, fused, **kwargs)
 
 
 class AdaptiveCombinerForConditionalGeneration(AdaptiveCombinerPreTrainedModel, CommForConditionalGeneration):
@@ -321,25 +308,7 @@ class AdaptiveCombinerForConditionalGeneration(AdaptiveCombinerPreTrainedModel, 
             prompt_length=prompt_length,
             **kwargs,
         )
-        hidden_states = outputs.last_hidden_state
-        if isinstance(logits_to_keep, int):
-            hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
-        else:
-            hidden_states = hidden_states[:, logits_to_keep]
-        logits = self.lm_head(hidden_states)
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(
-                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
-            )
-        return CommCausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            image_hidden_states=outputs.image_hidden_states,
-        )
+        return self.lm_head_outputs(outputs, labels, logits_to_keep, **kwargs)
 
 
 __all__ = [

@@ -275,6 +275,31 @@ class CommModel(CommPreTrainedModel):
             )
         return special_image_mask.unsqueeze(-1).to(inputs_embeds.device)
 
+    def run_language_model(
+        self,
+        inputs_embeds: torch.FloatTensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.LongTensor | None,
+        past_key_values: Cache | None,
+        image_hidden_states: torch.FloatTensor | None,
+        **kwargs,
+    ) -> CommModelOutputWithPast:
+        """The LLM on `(B, T, D)` input embeddings (visual tokens already in place); shared by every family."""
+        outputs = self.language_model(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            **kwargs,
+        )
+        return CommModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=image_hidden_states,
+        )
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -311,19 +336,8 @@ class CommModel(CommPreTrainedModel):
             special_image_mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_features)
             inputs_embeds = inputs_embeds.masked_scatter(special_image_mask, image_features)
 
-        outputs = self.language_model(
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            **kwargs,
-        )
-        return CommModelOutputWithPast(
-            last_hidden_state=outputs.last_hidden_state,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            image_hidden_states=image_features,
+        return self.run_language_model(
+            inputs_embeds, attention_mask, position_ids, past_key_values, image_features, **kwargs
         )
 
 
@@ -349,6 +363,34 @@ class CommForConditionalGeneration(CommPreTrainedModel, GenerationMixin):
 
     def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs) -> BaseModelOutputWithPooling:
         return self.model.get_image_features(pixel_values, **kwargs)
+
+    def lm_head_outputs(
+        self,
+        outputs: CommModelOutputWithPast,
+        labels: torch.LongTensor | None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CommCausalLMOutputWithPast:
+        """Logits of the kept positions and, with `labels` `(B, T)`, the causal-LM loss; shared by every family."""
+        hidden_states = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int):
+            hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
+        else:
+            hidden_states = hidden_states[:, logits_to_keep]
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
+        return CommCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=outputs.image_hidden_states,
+        )
 
     def forward(
         self,
@@ -381,25 +423,7 @@ class CommForConditionalGeneration(CommPreTrainedModel, GenerationMixin):
             mm_encoder_outputs=mm_encoder_outputs,
             **kwargs,
         )
-        hidden_states = outputs.last_hidden_state
-        if isinstance(logits_to_keep, int):
-            hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
-        else:
-            hidden_states = hidden_states[:, logits_to_keep]
-        logits = self.lm_head(hidden_states)
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(
-                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
-            )
-        return CommCausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            image_hidden_states=outputs.image_hidden_states,
-        )
+        return self.lm_head_outputs(outputs, labels, logits_to_keep, **kwargs)
 
 
 __all__ = ["CommModel", "CommForConditionalGeneration", "CommPreTrainedModel"]

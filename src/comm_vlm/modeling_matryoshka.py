@@ -228,19 +228,8 @@ class MatryoshkaLlavaModel(CommModel):
             return self._bucketed_language_model(
                 inputs_embeds, attention_mask, position_ids, matryoshka_rows, image_features, kwargs
             )
-        outputs = self.language_model(
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            **kwargs,
-        )
-        return CommModelOutputWithPast(
-            last_hidden_state=outputs.last_hidden_state,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            image_hidden_states=image_features,
+        return self.run_language_model(
+            inputs_embeds, attention_mask, position_ids, past_key_values, image_features, **kwargs
         )
 
     def _bucketed_language_model(self, inputs_embeds, attention_mask, position_ids, rows, image_features, kwargs):
