@@ -126,7 +126,7 @@ def _grounding_answer(final_dir: str, scene) -> dict:
     messages = [
         {"role": "user", "content": [{"type": "image", "image": scene.render()}, {"type": "text", "text": question}]}
     ]
-    out = parse_pipeline_boxes(pipe(text=messages, max_new_tokens=24, generate_kwargs={"do_sample": False}))[0]
+    out = parse_pipeline_boxes(pipe(text=messages, max_new_tokens=32, generate_kwargs={"do_sample": False}))[0]
     width, height = scene.width, scene.height
     x1, y1, x2, y2 = target.box
     return {
