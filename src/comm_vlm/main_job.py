@@ -5,7 +5,9 @@ For each family (COMM: CLIP + DINOv2 with LLN-Layerscale; Matryoshka-LLaVA; the 
 1. build a tiny random model and processor (`comm_vlm.tiny`);
 2. warm up its tiny encoders on the synthetic scenes (a stand-in for pretrained CLIP/DINOv2, which cannot be
    downloaded here: `comm_vlm.training.encoder_warmup`), then freeze them as the papers do;
-3. train both stages with the real training package (`run_recipe`: TRL SFTTrainer, the stage table, atomic saves);
+3. train both stages with the real training package (`run_recipe`: TRL SFTTrainer, the stage table, a `datasets`
+   mixture, atomic saves): stage 1 on the one-word-answer tasks (POPE, VQA), where a tiny random LLM first learns to
+   read the visual tokens, stage 2 on every task with those rows mixed back in;
 4. reload the final model with `from_pretrained`, evaluate it on the held-out synthetic split with the papers' metrics
    (REC acc@0.5, REG/caption CIDEr, POPE, VQA), M3 at every scale with the oracle analysis and a plot;
 5. answer one grounding prompt through `pipeline("image-text-to-text")`.
@@ -38,7 +40,8 @@ logger = logging.get_logger(__name__)
 # Per family: vision-branch layout, the two training stages (comm_vlm.training.STAGES) and config fields.
 FAMILIES: dict[str, dict[str, Any]] = {
     "comm": {"layout": "comm", "stages": ("comm_pretrain", "comm_instruct"), "overrides": {}},
-    "matryoshka_llava": {"layout": "llava", "stages": ("llava_pretrain", "m3_finetune"), "overrides": {}},
+    # The tiny LLM is random, so M3's stage 1 trains projector + LLM (LLaVA's stage 2); stage 2 is M3's fine-tuning.
+    "matryoshka_llava": {"layout": "llava", "stages": ("llava_instruct", "m3_finetune"), "overrides": {}},
     "adaptive_combiner": {
         "layout": "llava",
         "stages": ("combiner", "combiner"),
@@ -54,9 +57,12 @@ class MainJobConfig:
     train_scenes: int = 600
     test_scenes: int = 50
     warmup_steps: int = 150
-    stage_steps: tuple[int, int] = (150, 600)
+    stage_steps: tuple[int, int] = (600, 600)
     batch_size: int = 16
-    learning_rate: float = 2e-3
+    learning_rate: float = 1e-3
+    # Mixture weight of the one-word-answer rows (POPE, VQA) against all rows: their answers are 1-2 tokens against
+    # ~25 for a box or a caption, so without it they get a tiny share of the gradient.
+    short_answer_weight: float = 1.0
     image_size: int = 64
     patch_size: int = 8
     vision_width: int = 64
@@ -95,7 +101,7 @@ def _build(family: str, config: MainJobConfig, path: Path):
     )
 
 
-def _recipe(family: str, config: MainJobConfig, init_dir: Path, train_path: Path) -> dict:
+def _recipe(family: str, config: MainJobConfig, init_dir: Path, train_paths: tuple[Path, Path]) -> dict:
     args = {
         "learning_rate": config.learning_rate,
         "per_device_train_batch_size": config.batch_size,
@@ -105,15 +111,17 @@ def _recipe(family: str, config: MainJobConfig, init_dir: Path, train_path: Path
         "save_strategy": "no",
         "seed": config.seed,
     }
+    all_rows, short_rows = ({"path": str(path), "format": "messages"} for path in train_paths)
+    # Stage 1 aligns on the one-word-answer tasks (POPE, VQA): a tiny LLM learns to read the visual tokens there first;
+    # stage 2 instruction-tunes on every task, the short-answer rows mixed back in with `short_answer_weight`.
+    datasets = [short_rows, all_rows]
+    if config.short_answer_weight > 0:
+        datasets[1] = {"mixture": [{**all_rows, "weight": 1.0}, {**short_rows, "weight": config.short_answer_weight}]}
     return {
         "model": {"pretrained": str(init_dir)},
         "stages": [
-            {
-                "stage": stage,
-                "dataset": {"path": str(train_path), "format": "messages"},
-                "args": {**args, "max_steps": n},
-            }
-            for stage, n in zip(FAMILIES[family]["stages"], config.stage_steps)
+            {"stage": stage, "dataset": dataset, "args": {**args, "max_steps": steps}}
+            for stage, dataset, steps in zip(FAMILIES[family]["stages"], datasets, config.stage_steps)
         ],
     }
 
@@ -146,8 +154,10 @@ def run_main_job(output_dir: str | Path, config: MainJobConfig | None = None) ->
     splits = make_synthetic_splits(
         config.train_scenes, config.test_scenes, seed=config.seed, image_dir=output_dir / "data"
     )
-    train_path = output_dir / "data" / "train.jsonl"
-    splits["train"].select_columns(["messages", "images"]).to_json(str(train_path))
+    train_paths = (output_dir / "data" / "train.jsonl", output_dir / "data" / "train_short_answers.jsonl")
+    splits["train"].select_columns(["messages", "images"]).to_json(str(train_paths[0]))
+    short = splits["train"].filter(lambda row: row["task"] in ("pope", "vqa"))
+    short.select_columns(["messages", "images"]).to_json(str(train_paths[1]))
     warmup_scenes = generate_scenes(config.train_scenes, config.seed, "train")
     results: dict[str, Any] = {"config": asdict(config), "models": {}}
     for family in config.families:
@@ -158,7 +168,7 @@ def run_main_job(output_dir: str | Path, config: MainJobConfig | None = None) ->
             model, processor.image_processor, warmup_scenes, steps=config.warmup_steps, seed=config.seed
         )
         model.save_pretrained(family_dir / "init")
-        stages = run_recipe(_recipe(family, config, family_dir / "init", train_path), family_dir)
+        stages = run_recipe(_recipe(family, config, family_dir / "init", train_paths), family_dir)
         final_dir = stages[-1].output_dir
         model = AutoModelForImageTextToText.from_pretrained(final_dir).eval()
         processor = AutoProcessor.from_pretrained(final_dir)
