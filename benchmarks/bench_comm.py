@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 import torch
 import transformers
+from bench_utils import cpu_name
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from transformers import LlavaForConditionalGeneration
 
@@ -189,14 +190,6 @@ def bench_mfm_share(reps: int, warmup: int) -> str:
         "target <= 1.10",
     ]
     return "\n".join(rows)
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def main() -> None:

@@ -35,6 +35,7 @@ from collections.abc import Callable
 
 import torch
 import transformers
+from bench_utils import cpu_name
 from torch.utils.flop_counter import FlopCounterMode
 
 from comm_vlm import MatryoshkaLlavaConfig, MatryoshkaLlavaForConditionalGeneration
@@ -286,14 +287,6 @@ def bench_prefill(reps: int, warmup: int) -> str:
         f"(target >= 0.8); end to end: {es9:.2f}x for {er9:.2f}x -> {es9 / er9:.2f}",
     ]
     return "\n".join(rows)
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def main() -> None:
