@@ -1,6 +1,7 @@
 """`comm-vlm` command line.
 
     comm-vlm demo [--output-dir DIR] [--quick]
+    comm-vlm layer-study [--output-dir DIR] [--quick] [--variants NAME ...] [--encoder-layers L]
     comm-vlm plumbing [--output-dir DIR] [--layout comm|llava]
     comm-vlm train --recipe NAME_OR_YAML [--output-dir DIR] [key=value ...]
     comm-vlm convert --from {llava-hf,llava-original} SRC DST [--to comm|matryoshka_llava] [--vision-tower P]
@@ -8,9 +9,12 @@
 
 `demo` is the main job (`comm_vlm.main_job`): tiny COMM, Matryoshka-LLaVA and adaptive-combiner models trained
 through both stages on synthetic scenes, evaluated on the papers' metrics against chance/majority baselines, saved,
-reloaded and served; `--quick` is the CI-sized run. `plumbing` builds a tiny random COMM and its processor, saves them
-with `save_pretrained` (safetensors), reloads with the Auto classes, checks the reload is exact, and answers a chat
-prompt about a generated image through `pipeline("image-text-to-text")` (random weights: the answer is noise).
+reloaded and served; `--quick` is the CI-sized run. `layer-study` is COMM's layer study (`comm_vlm.layer_study`):
+one frozen tiny CLIP read at each single layer or merged over all layers (MFM), each variant trained with the main
+job's COMM recipe and scored on REC and POPE (table, JSON and plot). `plumbing` builds a tiny random COMM and its
+processor, saves them with `save_pretrained` (safetensors), reloads with the Auto classes, checks the reload is exact,
+and answers a chat prompt about a generated image through `pipeline("image-text-to-text")` (random weights: the
+answer is noise).
 
 `train` runs a YAML recipe's stages in order on TRL's SFTTrainer (see `comm_vlm.training.recipes`); `key=value`
 overrides apply to every stage's SFTConfig (e.g. `max_steps=3 resume=true`). Under `accelerate launch` it runs on
@@ -96,6 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="the main job: train, evaluate, save and serve tiny models of each family")
     demo.add_argument("--output-dir", default="outputs/demo")
     demo.add_argument("--quick", action="store_true", help="CI-sized run (seconds; numbers are not meaningful)")
+    study = sub.add_parser("layer-study", help="COMM's layer study: single CLIP layers vs multi-level merging")
+    study.add_argument("--output-dir", default="outputs/layer_study")
+    study.add_argument("--quick", action="store_true", help="CI-sized run with 2 variants (numbers not meaningful)")
+    study.add_argument("--variants", nargs="+", help="e.g. single@1 single@4 lln_layerscale (default: all)")
+    study.add_argument("--encoder-layers", type=int, help="depth of the tiny CLIP (default: the main job's)")
     plumbing = sub.add_parser("plumbing", help="build, save, reload and serve a random tiny COMM offline")
     plumbing.add_argument("--output-dir", default="outputs/plumbing")
     plumbing.add_argument("--layout", choices=["comm", "llava"], default="comm")
@@ -117,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     if args.command == "demo":
         return _main_job(args)
+    if args.command == "layer-study":
+        return _layer_study(args)
     np.random.seed(args.seed)
     result = run_demo(args.output_dir, layout=args.layout, seed=args.seed)
     width = max(len(k) for k in result)
@@ -147,6 +158,21 @@ def _main_job(args: argparse.Namespace) -> int:
         if result.get("plot"):
             sys.stdout.write(f"  accuracy vs visual tokens: {result['plot']}\n")
     sys.stdout.write(f"\n{results['table']}\n\nwall time {results['seconds']} s; results in {args.output_dir}\n")
+    return 0
+
+
+def _layer_study(args: argparse.Namespace) -> int:
+    from .layer_study import LayerStudyConfig, VariantError, run_layer_study
+
+    variants = tuple(args.variants) if args.variants else None
+    config = LayerStudyConfig.quick(variants) if args.quick else LayerStudyConfig(variants=variants)
+    config.encoder_layers = args.encoder_layers
+    try:
+        results = run_layer_study(args.output_dir, config)
+    except VariantError as err:
+        sys.stderr.write(f"comm-vlm layer-study: {err}\n")
+        return 2
+    sys.stdout.write(f"\n{results['table']}\n\nwall time {results['seconds']} s; plot {results['plot']}\n")
     return 0
 
 

@@ -56,7 +56,7 @@ class MainJobConfig:
 
     train_scenes: int = 600
     test_scenes: int = 50
-    warmup_steps: int = 150
+    warmup_steps: int = 600
     stage_steps: tuple[int, int] = (600, 600)
     batch_size: int = 16
     learning_rate: float = 1e-3
@@ -79,7 +79,8 @@ class MainJobConfig:
         return cls(train_scenes=24, test_scenes=6, warmup_steps=3, stage_steps=(2, 3), batch_size=8)
 
 
-def _build(family: str, config: MainJobConfig, path: Path):
+def build_family_model(family: str, config: MainJobConfig, path: str | Path, **overrides: Any):
+    """Builds (and saves to `path`) the tiny random model and processor of `family`; `overrides` go to the config."""
     plan = FAMILIES[family]
     vision = {
         "hidden_size": config.vision_width,
@@ -93,15 +94,45 @@ def _build(family: str, config: MainJobConfig, path: Path):
         "vision_config": tiny_vision_config(**vision),
         "text_config": tiny_text_config(config.vocab_size, hidden_size=config.llm_width, num_layers=config.llm_layers),
         **plan["overrides"],
+        **overrides,
     }
-    if plan["layout"] == "comm":
+    if plan["layout"] == "comm" and "secondary_vision_config" not in overrides:
         fields["secondary_vision_config"] = tiny_vision_config("dinov2", **vision)
     return build_tiny_checkpoint(
         path, layout=plan["layout"], family=family, seed=config.seed, vocab_size=config.vocab_size, **fields
     )
 
 
-def _recipe(family: str, config: MainJobConfig, init_dir: Path, train_paths: tuple[Path, Path]) -> dict:
+TASK_GROUPS: dict[str, tuple[str, ...]] = {
+    "all": ("rec", "reg", "pope", "vqa", "caption"),
+    "short": ("pope", "vqa"),  # one-word answers
+    "rec": ("rec",),
+}
+
+
+def prepare_training_data(config: MainJobConfig, output_dir: str | Path):
+    """Draws the synthetic splits and writes the training rows of each `TASK_GROUPS` group as JSON lines.
+
+    Returns:
+        `(splits, data_paths)`: the `DatasetDict` (train/test, images as files under `<output_dir>/data`) and, per
+        group name, the path of its `messages`/`images` JSON-lines file.
+    """
+    data_dir = Path(output_dir) / "data"
+    splits = make_synthetic_splits(config.train_scenes, config.test_scenes, seed=config.seed, image_dir=data_dir)
+    data_paths = {}
+    for group, tasks in TASK_GROUPS.items():
+        rows = splits["train"].filter(lambda row, tasks=tasks: row["task"] in tasks)
+        data_paths[group] = data_dir / f"train_{group}.jsonl"
+        rows.select_columns(["messages", "images"]).to_json(str(data_paths[group]))
+    return splits, data_paths
+
+
+def family_recipe(family: str, config: MainJobConfig, init_dir: str | Path, data_paths: dict[str, Path]) -> dict:
+    """The two-stage `run_recipe` recipe of one family, from the checkpoint in `init_dir`.
+
+    Stage 1 aligns on the one-word-answer tasks (POPE, VQA): a tiny LLM learns to read the visual tokens there first.
+    Stage 2 instruction-tunes on every task, the short-answer rows mixed back in with `short_answer_weight`.
+    """
     args = {
         "learning_rate": config.learning_rate,
         "per_device_train_batch_size": config.batch_size,
@@ -111,9 +142,7 @@ def _recipe(family: str, config: MainJobConfig, init_dir: Path, train_paths: tup
         "save_strategy": "no",
         "seed": config.seed,
     }
-    all_rows, short_rows = ({"path": str(path), "format": "messages"} for path in train_paths)
-    # Stage 1 aligns on the one-word-answer tasks (POPE, VQA): a tiny LLM learns to read the visual tokens there first;
-    # stage 2 instruction-tunes on every task, the short-answer rows mixed back in with `short_answer_weight`.
+    all_rows, short_rows = ({"path": str(data_paths[g]), "format": "messages"} for g in ("all", "short"))
     datasets = [short_rows, all_rows]
     if config.short_answer_weight > 0:
         datasets[1] = {"mixture": [{**all_rows, "weight": 1.0}, {**short_rows, "weight": config.short_answer_weight}]}
@@ -151,24 +180,18 @@ def run_main_job(output_dir: str | Path, config: MainJobConfig | None = None) ->
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    splits = make_synthetic_splits(
-        config.train_scenes, config.test_scenes, seed=config.seed, image_dir=output_dir / "data"
-    )
-    train_paths = (output_dir / "data" / "train.jsonl", output_dir / "data" / "train_short_answers.jsonl")
-    splits["train"].select_columns(["messages", "images"]).to_json(str(train_paths[0]))
-    short = splits["train"].filter(lambda row: row["task"] in ("pope", "vqa"))
-    short.select_columns(["messages", "images"]).to_json(str(train_paths[1]))
+    splits, data_paths = prepare_training_data(config, output_dir)
     warmup_scenes = generate_scenes(config.train_scenes, config.seed, "train")
     results: dict[str, Any] = {"config": asdict(config), "models": {}}
     for family in config.families:
         family_start = time.perf_counter()
         family_dir = output_dir / family
-        model, processor = _build(family, config, family_dir / "init")
+        model, processor = build_family_model(family, config, family_dir / "init")
         warmup = warm_up_encoders(
             model, processor.image_processor, warmup_scenes, steps=config.warmup_steps, seed=config.seed
         )
         model.save_pretrained(family_dir / "init")
-        stages = run_recipe(_recipe(family, config, family_dir / "init", train_paths), family_dir)
+        stages = run_recipe(family_recipe(family, config, family_dir / "init", data_paths), family_dir)
         final_dir = stages[-1].output_dir
         model = AutoModelForImageTextToText.from_pretrained(final_dir).eval()
         processor = AutoProcessor.from_pretrained(final_dir)

@@ -66,7 +66,10 @@ def build_tiny_tokenizer(vocab_size: int = 320, with_image_token: bool = True) -
     """
     special_tokens = SPECIAL_TOKENS if with_image_token else SPECIAL_TOKENS[:-1]
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Digits split one by one (as Llama's tokenizer does), so every box coordinate "0.123" is the same 5 tokens.
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
