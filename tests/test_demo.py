@@ -4,7 +4,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import load_file
 from transformers import pipeline
 
 from comm_vlm.cli import main, run_demo
@@ -42,12 +44,17 @@ def test_main_job_quick_runs_every_family_end_to_end(tmp_path):
     from comm_vlm.main_job import FAMILIES, MainJobConfig, run_main_job
 
     results = run_main_job(tmp_path, MainJobConfig.quick())
+    assert set(results["encoder_warmup"]) == {"vision", "secondary_vision"}
+    shared = load_file(tmp_path / "encoders" / "model.safetensors")
     assert list(results["models"]) == list(FAMILIES)
     for family, result in results["models"].items():
         assert [s["stage"] for s in result["stages"]] == list(FAMILIES[family]["stages"])
         assert (Path(result["final_dir"]) / "model.safetensors").exists()
         assert {"rec", "reg", "pope", "vqa", "caption"} <= set(result["eval"])
-        assert set(result["encoder_warmup_patch_accuracy"]) <= {"vision", "secondary_vision"}
+        # Every family starts from the one warmed-up CLIP (and COMM from the one DINOv2), as from one checkpoint.
+        init = load_file(tmp_path / family / "init" / "model.safetensors")
+        towers = [k for k in init if ".vision_tower." in k or ".secondary_vision_tower." in k]
+        assert towers and all(torch.equal(init[k], shared[k]) for k in towers)
         assert isinstance(result["served"]["answer"], str)
     assert Path(results["models"]["matryoshka_llava"]["plot"]).exists()
     table = (tmp_path / "results.md").read_text()

@@ -170,3 +170,14 @@ def test_bad_config(kwargs, match):
 def test_bad_task():
     with pytest.raises(ValueError, match="choose from"):
         make_synthetic_dataset(1, tasks=["ocr"])
+
+
+def test_image_after_question_only_reorders_the_user_turn():
+    before = build_rows(generate_scenes(4, 0, "train"), 0, "train")
+    after = build_rows(generate_scenes(4, 0, "train"), 0, "train", config=SyntheticConfig(image_after_question=True))
+    assert len(before) == len(after)
+    for a, b in zip(before, after):
+        assert [p["type"] for p in a["messages"][0]["content"]] == ["image", "text"]
+        assert [p["type"] for p in b["messages"][0]["content"]] == ["text", "image"]
+        assert a["messages"][0]["content"][::-1] == b["messages"][0]["content"]
+        assert a["messages"][1:] == b["messages"][1:] and a["answer"] == b["answer"] and a["box"] == b["box"]

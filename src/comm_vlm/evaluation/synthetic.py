@@ -110,6 +110,9 @@ class SyntheticConfig:
         pope_questions_per_scene (`int`, defaults to 1): positive (and as many negative) POPE questions per scene and
             setting (capped by the objects present).
         prompts (`dict[str, str]`): question templates (keys as `PROMPTS`).
+        image_after_question (`bool`, defaults to `False`): put the image after the question in the user turn
+            (LLaVA-1.5's training data has both orders). Under causal attention every visual token then sees the
+            question, so a small LLM can mark the patches a question is about where they are.
     """
 
     canvas_size: int = 96
@@ -125,6 +128,7 @@ class SyntheticConfig:
     background: tuple[int, int, int] = (255, 255, 255)
     pope_questions_per_scene: int = 1
     prompts: dict[str, str] = field(default_factory=lambda: dict(PROMPTS))
+    image_after_question: bool = False
 
     def __post_init__(self) -> None:
         if self.canvas_size < 32:
@@ -503,6 +507,9 @@ def build_rows(
             image = str(path)
         for task in tasks:
             rows.extend(TASK_BUILDERS[task](scene, image, split, rng, stats, config))
+    if config.image_after_question:
+        for row in rows:
+            row["messages"][0]["content"].reverse()  # [text, image]
     return rows
 
 
