@@ -166,3 +166,15 @@ def test_matryoshka_runner_on_tiny_m3_model(dataset, tmp_path):
     assert report.accuracy_per_scale[1] == pytest.approx(sum(correct) / len(correct))
     assert 1 <= report.oracle_mean_tokens <= 16
     assert (tmp_path / "accuracy_vs_tokens.png").exists()
+
+
+def test_vqa_baseline_scores_each_question_type_against_its_own_majority_answer():
+    def row(qtype, answer):
+        return {"answer": answer, "references": [answer] * 10, "question_type": qtype}
+
+    rows = [row("colour", "red")] * 3 + [row("colour", "blue")] * 2 + [row("shape", "circle")] * 2
+    rows += [row("shape", "square")] + [row("count", "1")] * 4
+    baseline = TASK_SPECS["vqa"].baseline(rows)
+    assert baseline["accuracy"] == pytest.approx(4 / 12)  # "1", the most frequent answer overall
+    assert baseline["per_question_type_prior"] == pytest.approx({"colour": 3 / 5, "shape": 2 / 3, "count": 1.0})
+    assert baseline["accuracy_per_question_type_prior"] == pytest.approx(9 / 12)

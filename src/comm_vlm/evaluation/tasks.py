@@ -207,7 +207,10 @@ def baseline_vqa(rows: Sequence[dict]) -> dict[str, Any]:
         priors.setdefault(row.get("question_type") or "", []).append(row["answer"])
     priors = {qtype: _majority(answers) for qtype, answers in priors.items()}
     per_type = [priors[row.get("question_type") or ""] for row in rows]
-    metrics["accuracy_per_question_type_prior"] = score_vqa(per_type, rows).metrics["accuracy"]
+    prior_scores = score_vqa(per_type, rows).metrics
+    metrics["accuracy_per_question_type_prior"] = prior_scores["accuracy"]
+    # Each question type against its own majority answer (e.g. "red" for colour questions): the attribute baseline.
+    metrics["per_question_type_prior"] = prior_scores.get("per_question_type", {})
     return {"name": f"majority answer {constant!r}", **metrics}
 
 
