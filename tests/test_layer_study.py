@@ -29,7 +29,7 @@ def quick_study(tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("layer_study")
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        assert main(["layer-study", "--quick", "--output-dir", str(output_dir)]) == 0
+        assert main(["layer-study", "--quick", "--output-dir", str(output_dir), "--stage-steps", "2", "2"]) == 0
     return output_dir, json.loads((output_dir / "layer_study.json").read_text()), stdout.getvalue()
 
 
@@ -40,6 +40,8 @@ def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def test_quick_study_writes_json_table_and_plot(quick_study):
     output_dir, results, printed = quick_study
     assert results["config"]["variants"] == list(QUICK_VARIANTS)
+    assert results["config"]["job"]["stage_steps"] == [2, 2]  # --stage-steps reached the training schedule
+    assert all(len(v["stages"]) == 2 for v in results["variants"].values())
     assert results["encoder"]["num_layers"] == 4 and set(results["encoder"]["warmup_patch_accuracy"]) == {"vision"}
     assert list(results["variants"]) == list(QUICK_VARIANTS)
     single, merged = results["variants"]["single@1"], results["variants"]["lln_layerscale"]
@@ -123,4 +125,6 @@ def test_bad_variant_raises_before_writing_anything(tmp_path, capsys):
     assert main(["layer-study", "--quick", "--output-dir", str(output_dir), "--variants", "max_pool"]) == 2
     err = capsys.readouterr().err
     assert "unknown variants ['max_pool']" in err and "conv_layerscale" in err
+    assert main(["layer-study", "--quick", "--output-dir", str(output_dir), "--stage-steps", "0", "3"]) == 2
+    assert "--stage-steps must be positive" in capsys.readouterr().err
     assert not output_dir.exists()

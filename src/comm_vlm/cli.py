@@ -1,7 +1,7 @@
 """`comm-vlm` command line.
 
     comm-vlm demo [--output-dir DIR] [--quick]
-    comm-vlm layer-study [--output-dir DIR] [--quick] [--variants NAME ...] [--encoder-layers L]
+    comm-vlm layer-study [--output-dir DIR] [--quick] [--variants NAME ...] [--encoder-layers L] [--stage-steps N N]
     comm-vlm plumbing [--output-dir DIR] [--layout comm|llava]
     comm-vlm train --recipe NAME_OR_YAML [--output-dir DIR] [key=value ...]
     comm-vlm convert --from {llava-hf,llava-original} SRC DST [--to comm|matryoshka_llava] [--vision-tower P]
@@ -105,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     study.add_argument("--quick", action="store_true", help="CI-sized run with 2 variants (numbers not meaningful)")
     study.add_argument("--variants", nargs="+", help="e.g. single@1 single@4 lln_layerscale (default: all)")
     study.add_argument("--encoder-layers", type=int, help="depth of the tiny CLIP (default: the main job's)")
+    study.add_argument(
+        "--stage-steps", type=int, nargs=2, metavar=("STAGE1", "STAGE2"), help="steps per stage (default: main job's)"
+    )
     plumbing = sub.add_parser("plumbing", help="build, save, reload and serve a random tiny COMM offline")
     plumbing.add_argument("--output-dir", default="outputs/plumbing")
     plumbing.add_argument("--layout", choices=["comm", "llava"], default="comm")
@@ -145,8 +148,8 @@ def _main_job(args: argparse.Namespace) -> int:
     config = MainJobConfig.quick() if args.quick else MainJobConfig()
     sys.stdout.write(
         "Offline main job. No pretrained encoders can be downloaded here, so one tiny CLIP and one tiny DINOv2 are\n"
-        "first warmed up on the synthetic training scenes (per-patch colour/shape/category labels), then shared by\n"
-        "every model and frozen as in the papers' recipes.\n"
+        "first warmed up on the synthetic training scenes (per-patch colour/shape/category labels and boxes), then\n"
+        "shared by every model and frozen as in the papers' recipes.\n"
     )
     results = run_main_job(args.output_dir, config)
     sys.stdout.write(f"encoder warm-up, category accuracy on object patches: {results['encoder_warmup']}\n")
@@ -169,6 +172,11 @@ def _layer_study(args: argparse.Namespace) -> int:
     variants = tuple(args.variants) if args.variants else None
     config = LayerStudyConfig.quick(variants) if args.quick else LayerStudyConfig(variants=variants)
     config.encoder_layers = args.encoder_layers
+    if args.stage_steps:
+        if min(args.stage_steps) < 1:
+            sys.stderr.write(f"comm-vlm layer-study: --stage-steps must be positive, got {args.stage_steps}\n")
+            return 2
+        config.job.stage_steps = tuple(args.stage_steps)
     try:
         results = run_layer_study(args.output_dir, config)
     except VariantError as err:
