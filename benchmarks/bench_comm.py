@@ -17,13 +17,11 @@ import argparse
 import datetime
 import os
 import platform
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 import transformers
-from bench_utils import cpu_name
+from bench_utils import cpu_name, interleaved_times
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from transformers import LlavaForConditionalGeneration
 
@@ -56,20 +54,6 @@ def count_flops(fn: Callable[[], object]) -> int:
     with FlopCounterMode(display=False, custom_mapping=FLOP_MAPPING) as counter:
         fn()
     return counter.get_total_flops()
-
-
-def interleaved_times(fns: dict[str, Callable[[], object]], reps: int, warmup: int) -> dict[str, tuple[float, float]]:
-    """Warm-up, then runs the functions in turn (ABAB...) `reps` times; returns (median, min) seconds per function."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: (statistics.median(values), min(values)) for name, values in times.items()}
 
 
 def make_inputs(seed: int = 0) -> dict[str, torch.Tensor]:

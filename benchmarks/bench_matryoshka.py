@@ -29,13 +29,11 @@ import argparse
 import datetime
 import os
 import platform
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 import transformers
-from bench_utils import cpu_name
+from bench_utils import cpu_name, interleaved_times
 from torch.utils.flop_counter import FlopCounterMode
 
 from comm_vlm import MatryoshkaLlavaConfig, MatryoshkaLlavaForConditionalGeneration
@@ -96,22 +94,6 @@ def count_flops(fn: Callable[[], object]) -> int:
 def _sync() -> None:
     if SETUP["device"].type == "cuda":
         torch.cuda.synchronize()
-
-
-def interleaved_times(fns: dict[str, Callable[[], object]], reps: int, warmup: int) -> dict[str, tuple[float, float]]:
-    """Warm-up, then the functions in turn (ABAB...) `reps` times; (median, min) seconds per function."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            _sync()
-            start = time.perf_counter()
-            fn()
-            _sync()
-            times[name].append(time.perf_counter() - start)
-    return {name: (statistics.median(v), min(v)) for name, v in times.items()}
 
 
 def build_model() -> MatryoshkaLlavaForConditionalGeneration:
@@ -203,7 +185,7 @@ def bench_training(reps: int, warmup: int) -> str:
     for name in list(fns)[1:]:
         assert abs(losses[name] - ref) < tolerance, f"{name}: loss {losses[name]} != sequential {ref}"
     flops = {name: count_flops(fn) for name, fn in fns.items()}
-    stats = interleaved_times(fns, reps, warmup)
+    stats = interleaved_times(fns, reps, warmup, sync=_sync)
     base = "single scale 576 (LLaVA-1.5 step)"
     tokens = {
         base: TRAIN_BATCH * (PREFIX + 576 + QUESTION + ANSWER),
@@ -256,7 +238,7 @@ def bench_prefill(reps: int, warmup: int) -> str:
     fns = {("llm", s): (lambda s=s: model(**llm[s], logits_to_keep=1)) for s in scales}
     fns.update({("e2e", s): (lambda s=s: model(**inputs[s], logits_to_keep=1)) for s in scales})
     flops = {key: count_flops(fn) for key, fn in fns.items()}
-    stats = interleaved_times(fns, reps, warmup)
+    stats = interleaved_times(fns, reps, warmup, sync=_sync)
     rows = [
         f"batch {PREFILL_BATCH}, prompt = {PREFIX} + S + {QUESTION} tokens. LLM prefill: image features encoded "
         "beforehand (as `generate` does); end to end: + vision tower and projector on the 576 patches.",
