@@ -283,8 +283,8 @@ def results_table(results: dict) -> str:
             baseline = 100 * first[task]["baseline"][key]
             lines.append(f"| {task} | {label} | " + " | ".join(f"{s:.1f}" for s in scores) + f" | {baseline:.1f} |")
         if task == "vqa":  # per question type, against that type's majority answer (the attribute baselines)
+            per_type = [results["models"][f]["eval"][task]["metrics"]["per_question_type"] for f in families]
             for qtype, prior in first[task]["baseline"].get("per_question_type_prior", {}).items():
-                per_type = [results["models"][f]["eval"][task]["metrics"]["per_question_type"] for f in families]
                 cells = " | ".join(f"{100 * scores[qtype]:.1f}" for scores in per_type)
                 lines.append(f"| vqa ({qtype}) | VQA acc vs {qtype} majority | {cells} | {100 * prior:.1f} |")
     return "\n".join(lines)

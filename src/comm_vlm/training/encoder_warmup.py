@@ -17,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..configuration_comm import patch_grid
+from ..processing_comm import normalize_box
 
 
 def patch_labels(
@@ -39,8 +40,7 @@ def patch_labels(
         covered = torch.tensor(list(mask.resize((grid, grid), Image.Resampling.BOX).getdata())) >= 128
         colour_ids[covered] = colours.index(obj.colour) + 1
         shape_ids[covered] = shapes.index(obj.shape) + 1
-        x1, y1, x2, y2 = obj.box
-        boxes[covered] = torch.tensor([x1 / scene.width, y1 / scene.height, x2 / scene.width, y2 / scene.height])
+        boxes[covered] = torch.tensor(normalize_box(obj.box, (scene.width, scene.height)))
     return colour_ids, shape_ids, boxes
 
 
