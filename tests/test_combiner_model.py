@@ -258,20 +258,22 @@ def test_llava_weights_load_and_only_the_combiner_is_new():
 # --- training ----------------------------------------------------------------------------------------------------
 
 
-def test_three_step_sft_trains_the_combiner_and_reloads(processor, tmp_path):
-    from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
+def test_training_without_labels_is_a_clear_error(model):
+    """A training forward that cannot tell the answer from the prompt would fuse the answer: it must raise."""
+    ids, pixels = torch.tensor([[1, 5, 6] + IMG + [7, 8, 9, 20, 21]]), torch.randn(1, 3, 28, 28)
+    model.train()
+    try:
+        with pytest.raises(ValueError, match="combiner_labels"):
+            model(input_ids=ids, pixel_values=pixels)
+        labels = torch.tensor([[-100] * 10 + [20, 21]])
+        by_labels = model(input_ids=ids, pixel_values=pixels, labels=labels).image_hidden_states
+        by_combiner_labels = model(input_ids=ids, pixel_values=pixels, combiner_labels=labels).image_hidden_states
+        assert torch.equal(by_labels, by_combiner_labels)
+    finally:
+        model.eval()
 
-    torch.manual_seed(0)
-    # Random weights at a realistic scale (the tiny init's visual tokens are ~0.01, so attention starts uniform and
-    # its query path gets ~0 gradient); the gates start closed, as the default init has them.
-    model = randomize(AdaptiveCombinerForConditionalGeneration(tiny_config())).train()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("_gate"):
-                param.zero_()
-    model.model.vision_tower.requires_grad_(False)
-    before = {k: v.clone() for k, v in model.model.combiner.state_dict().items()}
+
+def sft_rows():
     rows = []
     for i, color in enumerate([(200, 30, 30), (30, 200, 30), (30, 30, 200), (90, 90, 90)]):
         question = {"type": "text", "text": "What is in the image?"}
@@ -284,25 +286,67 @@ def test_three_step_sft_trains_the_combiner_and_reloads(processor, tmp_path):
                 "images": [Image.new("RGB", (32, 32), color)],
             }
         )
-    args = SFTConfig(
-        output_dir=str(tmp_path / "run"),
+    from datasets import Dataset
+
+    return Dataset.from_list(rows)
+
+
+def sft_model():
+    torch.manual_seed(0)
+    # Random weights at a realistic scale (the tiny init's visual tokens are ~0.01, so attention starts uniform and
+    # its query path gets ~0 gradient); the gates start closed, as the default init has them.
+    model = randomize(AdaptiveCombinerForConditionalGeneration(tiny_config())).train()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("_gate"):
+                param.zero_()
+    return model
+
+
+def test_plain_trl_sft_trainer_is_refused_not_leaky(processor, tmp_path):
+    """TRL's fused LM head calls the backbone without `labels`: plain SFTTrainer must fail loudly, not fuse answers."""
+    from trl import SFTTrainer
+
+    from comm_vlm.training import default_sft_config
+
+    args = default_sft_config(tmp_path / "run", max_steps=1, per_device_train_batch_size=2, save_strategy="no")
+    trainer = SFTTrainer(model=sft_model(), args=args, train_dataset=sft_rows(), processing_class=processor)
+    with pytest.raises(ValueError, match="label leakage"):
+        trainer.train()
+
+
+def test_three_step_sft_trains_the_combiner_without_leakage_and_reloads(processor, tmp_path):
+    from comm_vlm.training import build_trainer, default_sft_config
+
+    model = sft_model()
+    before = {k: v.clone() for k, v in model.model.combiner.state_dict().items()}
+    args = default_sft_config(
+        tmp_path / "run",
         max_steps=3,
         per_device_train_batch_size=2,
         learning_rate=1e-2,
-        assistant_only_loss=True,
-        remove_unused_columns=False,
-        use_cpu=True,
-        bf16=False,
-        report_to="none",
         save_strategy="no",
         logging_steps=1,
         dataloader_num_workers=0,
     )
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=processor)
-    batch = trainer.data_collator([trainer.train_dataset[0]])
-    prompt_tokens = (batch["labels"][0] == -100) & (batch["attention_mask"][0] == 1)
-    assert prompt_tokens.sum() > N and (batch["labels"][0] != -100).sum() > 0  # the combiner sees a prompt
+    trainer = build_trainer(model, processor, sft_rows(), "combiner", args)
+    # Record every training batch's labels and the text mask the combiner received for it.
+    seen = []
+    compute_loss = trainer.compute_loss
+
+    def recording_compute_loss(model, inputs, *args, **kwargs):
+        seen.append({"labels": inputs["labels"].clone(), "attention_mask": inputs["attention_mask"].clone()})
+        return compute_loss(model, inputs, *args, **kwargs)
+
+    trainer.compute_loss = recording_compute_loss
+    model.model.combiner.register_forward_hook(lambda m, a, out: seen[-1].update(text_mask=a[2]))
     trainer.train()
+    assert len(seen) == 3
+    for batch in seen:
+        labels, text_mask = batch["labels"], batch["text_mask"]  # (B, T) each; one image per row
+        assert not (text_mask & (labels != -100)).any()  # no answer token is fused
+        prompt = (labels == -100) & batch["attention_mask"].bool()
+        assert (text_mask.sum(-1) == prompt.sum(-1) - N).all()  # the whole prompt but the image placeholders
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
     after = model.model.combiner.state_dict()

@@ -11,7 +11,10 @@ arXiv 2305.19924). No public code exists; this is a reference implementation as 
 Which text is "the prompt" (`prompt_text_mask`): the positions of the image's row that are not image placeholders,
 not padding (`attention_mask`), and before `prompt_length` when given; with `labels`, only positions labelled -100
 that come before the first supervised token following the image (so no answer token, and no later turn, is fused
-into tokens the answer can attend to). Without labels (inference), the whole prompt.
+into tokens the answer can attend to). Without labels (inference), the whole prompt. Trainers that compute the loss
+outside the model and call it without `labels` (TRL's fused LM head calls the backbone without them) pass the same
+labels as `combiner_labels` (`comm_vlm.training`'s trainer does): training without either raises, since the combiner
+would fuse the answer into tokens the answer is predicted from.
 
 Multi-turn nuance: in training (labels), an image is fused with the unsupervised text of its own turn and earlier
 prompts; at inference the model cannot tell turns apart and fuses each image with the whole conversation so far, so
@@ -215,6 +218,7 @@ class AdaptiveCombinerModel(AdaptiveCombinerPreTrainedModel, CommModel):
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
         labels: torch.LongTensor | None = None,
         prompt_length: int | None = None,
+        combiner_labels: torch.LongTensor | None = None,
         **kwargs,
     ) -> CommModelOutputWithPast:
         """
@@ -226,6 +230,9 @@ class AdaptiveCombinerModel(AdaptiveCombinerPreTrainedModel, CommModel):
             labels (`torch.LongTensor` of shape `(B, T)`, *optional*): only used to keep supervised (answer) tokens
                 out of the combiner; the loss is computed by [`AdaptiveCombinerForConditionalGeneration`].
             prompt_length (`int`, *optional*): positions from here on are never fused (`generate` sets it).
+            combiner_labels (`torch.LongTensor` of shape `(B, T)`, *optional*): the training labels, used only to
+                keep supervised tokens out of the combiner, for callers that compute the loss outside the model and
+                so pass no `labels`. Ignored when `labels` is given.
 
         Returns:
             [`CommModelOutputWithPast`] whose `image_hidden_states` are the fused tokens `(num_images * N, D_llm)`.
@@ -239,6 +246,8 @@ class AdaptiveCombinerModel(AdaptiveCombinerPreTrainedModel, CommModel):
         if labels is None and kwargs.get("shift_labels") is not None:
             shift_labels = kwargs["shift_labels"]  # shift_labels[:, t] = labels[:, t + 1]
             labels = torch.cat([torch.full_like(shift_labels[:, :1], IGNORE_INDEX), shift_labels[:, :-1]], dim=1)
+        if labels is None:
+            labels = combiner_labels
 
         image_outputs = (mm_encoder_outputs or {}).get("image")
         if image_outputs is None and pixel_values is not None:
@@ -247,6 +256,13 @@ class AdaptiveCombinerModel(AdaptiveCombinerPreTrainedModel, CommModel):
         if image_outputs is not None:
             image_features = torch.stack(list(image_outputs.pooler_output))  # (num_images, S_v, D_llm)
             image_mask = self.image_token_mask(input_ids, inputs_embeds)  # (B, T)
+            if labels is None and prompt_length is None and self.training and torch.is_grad_enabled():
+                raise ValueError(
+                    "The adaptive combiner is training without `labels`, so it cannot tell the prompt from the answer "
+                    "and would fuse the answer into the visual tokens the answer is predicted from (label leakage). "
+                    "Pass `labels` (-100 on the prompt), or `combiner_labels` when the loss is computed outside the "
+                    "model (comm_vlm.training's trainer does this for TRL), or call `model.eval()` for inference."
+                )
             fused = self.fuse_image_features(
                 image_features, inputs_embeds, image_mask, attention_mask, labels, prompt_length
             )
@@ -285,6 +301,7 @@ class AdaptiveCombinerForConditionalGeneration(AdaptiveCombinerPreTrainedModel, 
         logits_to_keep: int | torch.Tensor = 0,
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
         prompt_length: int | None = None,
+        combiner_labels: torch.LongTensor | None = None,
         **kwargs,
     ) -> CommCausalLMOutputWithPast:
         """
@@ -292,7 +309,7 @@ class AdaptiveCombinerForConditionalGeneration(AdaptiveCombinerPreTrainedModel, 
             labels (`torch.LongTensor` of shape `(B, T)`, *optional*): next-token targets (-100 = ignored); the
                 supervised positions are also kept out of the combiner (no label leakage).
             logits_to_keep (`int` or `torch.Tensor`): compute logits only for the last `n` positions (0 = all).
-            prompt_length (`int`, *optional*): see [`AdaptiveCombinerModel.forward`].
+            prompt_length, combiner_labels: see [`AdaptiveCombinerModel.forward`].
 
         See [`AdaptiveCombinerModel.forward`] for the other arguments.
         """
@@ -306,6 +323,7 @@ class AdaptiveCombinerForConditionalGeneration(AdaptiveCombinerPreTrainedModel, 
             mm_encoder_outputs=mm_encoder_outputs,
             labels=labels,
             prompt_length=prompt_length,
+            combiner_labels=combiner_labels,
             **kwargs,
         )
         return self.lm_head_outputs(outputs, labels, logits_to_keep, **kwargs)

@@ -35,7 +35,10 @@ CHAT_TEMPLATE = (
     "{% elif part['type'] == 'text' %}{% set text.v = text.v + part['text'] %}{% endif %}"
     "{% endfor %}{% set text = text.v %}{% endif %}"
     "{% if message['role'] == 'user' %}USER: {{ text }} "
-    "{% else %}ASSISTANT: {% generation %}{{ text }}{{ eos_token }}{% endgeneration %}{% endif %}"
+    # The space after "ASSISTANT:" is inside the generation block: the model generates it (the prompt ends at ":"),
+    # so it must be supervised. Words carry it in their first token (" purple"), but digits split off a bare " "
+    # token (" 2" -> " ", "2") that the loss would otherwise never train, and a count answer could never start.
+    "{% else %}ASSISTANT:{% generation %} {{ text }}{{ eos_token }}{% endgeneration %}{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
