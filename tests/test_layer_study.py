@@ -41,7 +41,7 @@ def test_quick_study_writes_json_table_and_plot(quick_study):
     output_dir, results, printed = quick_study
     assert results["config"]["variants"] == list(QUICK_VARIANTS)
     assert results["config"]["job"]["stage_steps"] == [2, 2]  # --stage-steps reached the training schedule
-    assert all(len(v["stages"]) == 2 for v in results["variants"].values())
+    assert all([s["steps"] for s in v["stages"]] == [2, 2] for v in results["variants"].values())
     assert results["encoder"]["num_layers"] == 4 and set(results["encoder"]["warmup_patch_accuracy"]) == {"vision"}
     assert list(results["variants"]) == list(QUICK_VARIANTS)
     single, merged = results["variants"]["single@1"], results["variants"]["lln_layerscale"]
@@ -128,3 +128,16 @@ def test_bad_variant_raises_before_writing_anything(tmp_path, capsys):
     assert main(["layer-study", "--quick", "--output-dir", str(output_dir), "--stage-steps", "0", "3"]) == 2
     assert "--stage-steps must be positive" in capsys.readouterr().err
     assert not output_dir.exists()
+
+
+def test_stage_steps_override_the_main_jobs_comm_schedule():
+    """The full study trains the main job's COMM recipe, whose own per-family steps must yield to --stage-steps."""
+    from comm_vlm.cli import build_parser, layer_study_config
+    from comm_vlm.main_job import family_recipe
+
+    default = layer_study_config(build_parser().parse_args(["layer-study"]))
+    assert "comm" in default.job.family_stage_steps  # the precedence this test is about
+    config = layer_study_config(build_parser().parse_args(["layer-study", "--stage-steps", "3", "4"]))
+    paths = {group: Path("rows.jsonl") for group in ("all", "short", "rec")}
+    recipe = family_recipe("comm", config.job, "init", paths)
+    assert [stage["args"]["max_steps"] for stage in recipe["stages"]] == [3, 4]

@@ -94,7 +94,8 @@ def run_demo(output_dir: str | Path, layout: str = "comm", seed: int = 0) -> dic
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The `comm-vlm` argument parser (every subcommand)."""
     parser = argparse.ArgumentParser(prog="comm-vlm", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="the main job: train, evaluate, save and serve tiny models of each family")
@@ -106,7 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     study.add_argument("--variants", nargs="+", help="e.g. single@1 single@4 lln_layerscale (default: all)")
     study.add_argument("--encoder-layers", type=int, help="depth of the tiny CLIP (default: the main job's)")
     study.add_argument(
-        "--stage-steps", type=int, nargs=2, metavar=("STAGE1", "STAGE2"), help="steps per stage (default: main job's)"
+        "--stage-steps",
+        type=int,
+        nargs=2,
+        metavar=("STAGE1", "STAGE2"),
+        help="steps per stage (default: the main job's COMM steps)",
     )
     plumbing = sub.add_parser("plumbing", help="build, save, reload and serve a random tiny COMM offline")
     plumbing.add_argument("--output-dir", default="outputs/plumbing")
@@ -117,7 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--output-dir", default="outputs/train")
     train.add_argument("overrides", nargs="*", help="SFTConfig overrides for every stage, as key=value")
     _add_hub_commands(sub)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     if args.command == "train":
         return _train(args)
@@ -166,17 +175,30 @@ def _main_job(args: argparse.Namespace) -> int:
     return 0
 
 
-def _layer_study(args: argparse.Namespace) -> int:
-    from .layer_study import LayerStudyConfig, VariantError, run_layer_study
+def layer_study_config(args: argparse.Namespace):
+    """The `LayerStudyConfig` of parsed `layer-study` arguments (`ValueError` for non-positive `--stage-steps`)."""
+    from .layer_study import LayerStudyConfig
 
     variants = tuple(args.variants) if args.variants else None
     config = LayerStudyConfig.quick(variants) if args.quick else LayerStudyConfig(variants=variants)
     config.encoder_layers = args.encoder_layers
     if args.stage_steps:
         if min(args.stage_steps) < 1:
-            sys.stderr.write(f"comm-vlm layer-study: --stage-steps must be positive, got {args.stage_steps}\n")
-            return 2
+            raise ValueError(f"--stage-steps must be positive, got {args.stage_steps}")
+        # The study trains COMM's recipe, whose per-family steps take precedence over `stage_steps`.
         config.job.stage_steps = tuple(args.stage_steps)
+        config.job.family_stage_steps = {**config.job.family_stage_steps, "comm": tuple(args.stage_steps)}
+    return config
+
+
+def _layer_study(args: argparse.Namespace) -> int:
+    from .layer_study import VariantError, run_layer_study
+
+    try:
+        config = layer_study_config(args)
+    except ValueError as err:
+        sys.stderr.write(f"comm-vlm layer-study: {err}\n")
+        return 2
     try:
         results = run_layer_study(args.output_dir, config)
     except VariantError as err:

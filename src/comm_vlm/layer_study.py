@@ -222,7 +222,10 @@ def run_layer_study(output_dir: str | os.PathLike, config: LayerStudyConfig | No
             "metrics": _metrics(evaluation.tasks, "metrics"),
             "layer_weights": None if weights is None else [round(w, 4) for w in weights.tolist()],
             "encoder_unchanged": all(torch.equal(tower[k], v) for k, v in encoder_state.items()),
-            "stages": [{"stage": s.stage, "train_loss": s.train_loss} for s in stages],
+            "stages": [
+                {"stage": s.stage, "train_loss": s.train_loss, "steps": max(h.get("step", 0) for h in s.log_history)}
+                for s in stages
+            ],
             "final_dir": final_dir,
             "seconds": round(time.perf_counter() - variant_start, 1),
         }

@@ -53,16 +53,16 @@ FAMILIES: dict[str, dict[str, Any]] = {
 
 @dataclass
 class MainJobConfig:
-    """Sizes of the main job (defaults: the full run, about 12 minutes on 2 cores; `quick()`: the CI smoke run)."""
+    """Sizes of the main job (defaults: the full run, about 13 minutes on 2 cores; `quick()`: the CI smoke run)."""
 
     train_scenes: int = 600
-    test_scenes: int = 50
+    test_scenes: int = 100
     warmup_steps: int = 600
     stage_steps: tuple[int, int] = (600, 600)
-    # Per-family steps where they differ from `stage_steps`, to fit the 15-minute budget: M3's all-scale steps cost
-    # about 2x a single-scale step, and the combiner learns little here however long it trains (see the README).
+    # Per-family steps where they differ from `stage_steps`, within the 15-minute budget: COMM gets the longest
+    # stage 2 (its REC needs the most updates), M3's all-scale steps cost about 2x a single-scale step.
     family_stage_steps: dict[str, tuple[int, int]] = field(
-        default_factory=lambda: {"matryoshka_llava": (600, 300), "adaptive_combiner": (400, 400)}
+        default_factory=lambda: {"comm": (600, 900), "matryoshka_llava": (400, 300), "adaptive_combiner": (500, 500)}
     )
     batch_size: int = 16
     learning_rate: float = 1e-3
@@ -71,7 +71,7 @@ class MainJobConfig:
     short_answer_weight: float = 1.0
     # Mixture weight of the REC rows in stage 2 (on top of their share of all rows): a box is 25 digit-level tokens
     # that take many more updates than a yes/no answer.
-    rec_weight: float = 2.0
+    rec_weight: float = 4.0
     # The question before the image in every prompt (see `SyntheticConfig.image_after_question`); LLaVA's order
     # (image first) by default.
     image_after_question: bool = False

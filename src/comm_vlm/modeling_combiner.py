@@ -12,9 +12,9 @@ Which text is "the prompt" (`prompt_text_mask`): the positions of the image's ro
 not padding (`attention_mask`), and before `prompt_length` when given; with `labels`, only positions labelled -100
 that come before the first supervised token following the image (so no answer token, and no later turn, is fused
 into tokens the answer can attend to). Without labels (inference), the whole prompt. Trainers that compute the loss
-outside the model and call it without `labels` (TRL's fused LM head calls the backbone without them) pass the same
-labels as `combiner_labels` (`comm_vlm.training`'s trainer does): training without either raises, since the combiner
-would fuse the answer into tokens the answer is predicted from.
+outside the model call the backbone without `labels` (TRL's fused LM head, installed as the instance's `forward`):
+the model wraps such a forward so the labels still reach the combiner, as `combiner_labels`. A training forward with
+neither raises, since the combiner would fuse the answer into the tokens the answer is predicted from.
 
 Multi-turn nuance: in training (labels), an image is fused with the unsupervised text of its own turn and earlier
 prompts; at inference the model cannot tell turns apart and fuses each image with the whole conversation so far, so
@@ -261,7 +261,7 @@ class AdaptiveCombinerModel(AdaptiveCombinerPreTrainedModel, CommModel):
                     "The adaptive combiner is training without `labels`, so it cannot tell the prompt from the answer "
                     "and would fuse the answer into the visual tokens the answer is predicted from (label leakage). "
                     "Pass `labels` (-100 on the prompt), or `combiner_labels` when the loss is computed outside the "
-                    "model (comm_vlm.training's trainer does this for TRL), or call `model.eval()` for inference."
+                    "model, or call `model.eval()` for inference."
                 )
             fused = self.fuse_image_features(
                 image_features, inputs_embeds, image_mask, attention_mask, labels, prompt_length
@@ -280,6 +280,17 @@ class AdaptiveCombinerForConditionalGeneration(AdaptiveCombinerPreTrainedModel, 
         self.model = AdaptiveCombinerModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
+
+    def adapt_installed_forward_kwargs(self, kwargs: dict) -> dict:
+        """A forward installed by a trainer (TRL's fused LM head, which calls the backbone without `labels`) passes
+        the labels on as `combiner_labels`, so the combiner still keeps the answer out of the fused tokens."""
+        if kwargs.get("combiner_labels") is None:
+            labels, shift_labels = kwargs.get("labels"), kwargs.get("shift_labels")
+            if labels is None and shift_labels is not None:  # shift_labels[:, t] = labels[:, t + 1]
+                labels = torch.cat([torch.full_like(shift_labels[:, :1], IGNORE_INDEX), shift_labels[:, :-1]], dim=1)
+            if labels is not None:
+                kwargs["combiner_labels"] = labels
+        return kwargs
 
     def generate(self, inputs: torch.Tensor | None = None, *args, prompt_length: int | None = None, **kwargs):
         """`GenerationMixin.generate`, recording the prompt length so the combiner never fuses generated tokens

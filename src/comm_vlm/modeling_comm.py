@@ -14,6 +14,7 @@ match `LlavaForConditionalGeneration`, so a COMM configured as LLaVA loads LLaVA
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -360,6 +361,36 @@ class CommForConditionalGeneration(CommPreTrainedModel, GenerationMixin):
 
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
+
+    # ---- forwards installed by trainers --------------------------------------------------------------------------
+    # Trainers may replace `forward` on the instance: TRL's fused LM head computes the loss itself from the backbone's
+    # hidden states and calls the backbone without `labels`. Families whose own forward prepares the batch (M3
+    # re-lays it for all scales; the combiner needs the labels to keep the answer out of the fused tokens) override
+    # `adapt_installed_forward_kwargs`, and any installed forward is wrapped to apply it first.
+
+    def adapt_installed_forward_kwargs(self, kwargs: dict) -> dict:
+        """The keyword arguments (positional ones already named) a forward installed on the instance receives."""
+        return kwargs
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "forward" and callable(value) and not getattr(value, "_comm_adapter", False):
+            own = getattr(value, "__self__", None) is self and getattr(value, "__func__", None) is type(self).forward
+            base = CommForConditionalGeneration.adapt_installed_forward_kwargs
+            if not own and type(self).adapt_installed_forward_kwargs is not base:
+                value = self._wrap_installed_forward(value)
+        super().__setattr__(name, value)
+
+    def _wrap_installed_forward(self, forward):
+        code = type(self).forward.__code__
+        names = code.co_varnames[1 : code.co_argcount]
+
+        @functools.wraps(forward)
+        def adapted(*args, **kwargs):
+            kwargs.update(zip(names, args))
+            return forward(**self.adapt_installed_forward_kwargs(kwargs))
+
+        adapted._comm_adapter = True
+        return adapted
 
     def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs) -> BaseModelOutputWithPooling:
         return self.model.get_image_features(pixel_values, **kwargs)

@@ -420,29 +420,11 @@ class MatryoshkaLlavaForConditionalGeneration(CommForConditionalGeneration):
         )
         return kwargs, layout
 
-    def __setattr__(self, name: str, value) -> None:
-        # Trainers may replace `forward` on the instance (TRL's fused LM head computes the loss itself from the
-        # backbone and the labels); wrap the replacement so the batch it sees is already re-laid for all scales.
-        if name == "forward" and callable(value) and not getattr(value, "_matryoshka_adapter", False):
-            own = getattr(value, "__self__", None) is self and getattr(value, "__func__", None) is type(self).forward
-            if not own:
-                value = self._adapt_forward(value)
-        super().__setattr__(name, value)
-
-    def _adapt_forward(self, forward):
-        """Wraps a forward installed on the instance: positional args named, training batches re-laid (uniform
-        loss weights, since the wrapped forward may compute the loss itself)."""
-        code = type(self).forward.__code__
-        names = code.co_varnames[1 : code.co_argcount]
-
-        @functools.wraps(forward)
-        def adapted(*args, **kwargs):
-            kwargs.update(zip(names, args))
-            kwargs, _ = self._relay_training_kwargs(kwargs, weighted=False)
-            return forward(**kwargs)
-
-        adapted._matryoshka_adapter = True
-        return adapted
+    def adapt_installed_forward_kwargs(self, kwargs: dict) -> dict:
+        """A forward installed by a trainer (TRL's fused LM head) sees the batch already re-laid for all scales, with
+        uniform loss weights, since it may compute the loss itself."""
+        kwargs, _ = self._relay_training_kwargs(kwargs, weighted=False)
+        return kwargs
 
     # ---- forward / loss ---------------------------------------------------------------------------------------
 

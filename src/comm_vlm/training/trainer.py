@@ -47,15 +47,6 @@ class CommSFTTrainer(SFTTrainer):
             self.optimizer = optimizer_cls(groups, lr=self.args.learning_rate, **optimizer_kwargs)
         return self.optimizer
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        # TRL's fused LM head runs the backbone without `labels`; the adaptive combiner needs them to keep the answer
-        # out of the fused tokens, so they also travel as `combiner_labels` (ignored where `labels` arrive).
-        if "labels" in inputs and getattr(self.model.config, "combiner_num_latents", None) is not None:
-            inputs = {**inputs, "combiner_labels": inputs["labels"]}
-        return super().compute_loss(
-            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
-        )
-
 
 def default_sft_config(output_dir: str | os.PathLike, **overrides) -> SFTConfig:
     """`SFTConfig` defaults for these models: assistant-only loss, keep image columns, fp32 on CPU."""
