@@ -60,4 +60,5 @@ def test_main_job_quick_runs_every_family_end_to_end(tmp_path):
     table = (tmp_path / "results.md").read_text()
     assert "| task | metric (x100) | comm | matryoshka_llava | adaptive_combiner | baseline |" in table
     assert "| vqa (colour) | VQA acc vs colour majority |" in table
+    assert "| pope | Acc vs text-only prior |" in table
     assert (tmp_path / "results.json").exists()

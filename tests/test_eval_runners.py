@@ -7,7 +7,7 @@ import torch
 
 from comm_vlm.evaluation.runners import evaluate, evaluate_matryoshka, generate_answers
 from comm_vlm.evaluation.synthetic import TASKS, make_synthetic_dataset
-from comm_vlm.evaluation.tasks import TASK_SPECS, rec_chance
+from comm_vlm.evaluation.tasks import TASK_SPECS, pope_object_prior, rec_chance
 from comm_vlm.tiny import build_tiny_checkpoint
 
 
@@ -178,3 +178,19 @@ def test_vqa_baseline_scores_each_question_type_against_its_own_majority_answer(
     assert baseline["accuracy"] == pytest.approx(4 / 12)  # "1", the most frequent answer overall
     assert baseline["per_question_type_prior"] == pytest.approx({"colour": 3 / 5, "shape": 2 / 3, "count": 1.0})
     assert baseline["accuracy_per_question_type_prior"] == pytest.approx(9 / 12)
+
+
+def test_pope_object_prior_answers_each_object_with_its_training_majority():
+    def row(obj, answer, setting="random"):
+        return {"object": obj, "answer": answer, "pope_setting": setting}
+
+    train = [row("red circle", "no")] * 3 + [row("red circle", "yes")] + [row("blue square", "yes")] * 2
+    train += [row("green triangle", "no")] * 5  # makes "no" the overall training majority
+    # red circle -> "no", blue square -> "yes", purple circle (never asked in training) -> overall majority "no"
+    test = [row("red circle", "no"), row("red circle", "yes", "popular"), row("blue square", "yes", "popular")]
+    test += [row("purple circle", "yes")]
+    prior = pope_object_prior(train, test)
+    assert prior["accuracy"] == pytest.approx(2 / 4)
+    assert prior["settings"]["random"]["accuracy"] == pytest.approx(1 / 2)  # right on red circle, wrong on purple
+    assert prior["settings"]["popular"]["accuracy"] == pytest.approx(1 / 2)
+    assert prior["yes_ratio"] == pytest.approx(1 / 4)

@@ -29,7 +29,7 @@ from transformers.utils import logging
 
 from .evaluation.runners import evaluate, evaluate_matryoshka
 from .evaluation.synthetic import SyntheticConfig, generate_scenes, make_synthetic_splits
-from .evaluation.tasks import TASK_SPECS
+from .evaluation.tasks import TASK_SPECS, pope_object_prior
 from .hub import parse_pipeline_boxes
 from .tiny import build_tiny_checkpoint, tiny_text_config, tiny_vision_config
 from .training.encoder_warmup import warm_up_encoders
@@ -260,6 +260,9 @@ def run_main_job(output_dir: str | Path, config: MainJobConfig | None = None) ->
             "seconds": round(time.perf_counter() - family_start, 1),
             **extra,
         }
+    pope = {split: [row for row in splits[split] if row["task"] == "pope"] for split in ("train", "test")}
+    if pope["train"] and pope["test"]:
+        results["pope_text_prior"] = pope_object_prior(pope["train"], pope["test"])
     results["seconds"] = round(time.perf_counter() - start, 1)
     results["table"] = results_table(results)
     (output_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
@@ -282,6 +285,17 @@ def results_table(results: dict) -> str:
             scores = [100 * results["models"][f]["eval"][task]["metrics"][key] for f in families]
             baseline = 100 * first[task]["baseline"][key]
             lines.append(f"| {task} | {label} | " + " | ".join(f"{s:.1f}" for s in scores) + f" | {baseline:.1f} |")
+        if task == "pope" and "pope_text_prior" in results:  # a text-only model: no image, only the object named
+            prior = results["pope_text_prior"]
+            cells = " | ".join(
+                f"{100 * results['models'][f]['eval'][task]['metrics']['accuracy']:.1f}" for f in families
+            )
+            lines.append(f"| pope | Acc vs text-only prior | {cells} | {100 * prior['accuracy']:.1f} |")
+            for setting in prior.get("settings", {}):
+                scores = [results["models"][f]["eval"][task]["metrics"]["settings"][setting] for f in families]
+                cells = " | ".join(f"{100 * score['accuracy']:.1f}" for score in scores)
+                baseline = 100 * prior["settings"][setting]["accuracy"]
+                lines.append(f"| pope ({setting}) | Acc vs text-only prior | {cells} | {baseline:.1f} |")
         if task == "vqa":  # per question type, against that type's majority answer (the attribute baselines)
             per_type = [results["models"][f]["eval"][task]["metrics"]["per_question_type"] for f in families]
             for qtype, prior in first[task]["baseline"].get("per_question_type_prior", {}).items():

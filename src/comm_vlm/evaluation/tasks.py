@@ -14,7 +14,9 @@ caption CIDEr-D, POPE accuracy / F1 / yes-ratio (mean over the random / popular 
 * VQA *majority*: the most frequent answer of the set for every question (the VQA paper's "prior" baseline);
   `accuracy_per_question_type_prior` gives the prior per `question_type` too.
 
-Baselines use the evaluated set's own answer statistics: they are chance levels, not models.
+Baselines use the evaluated set's own answer statistics: they are chance levels, not models. One baseline learns from
+a training split instead: `pope_object_prior`, a text-only POPE model that answers each question with the training
+split's majority answer for the object it names (POPE's popular/adversarial negatives make that prior informative).
 """
 
 from __future__ import annotations
@@ -192,6 +194,25 @@ def baseline_pope(rows: Sequence[dict]) -> dict[str, Any]:
     constant = "yes" if labels["yes"] >= labels["no"] else "no"
     metrics = score_pope([constant] * len(rows), rows).metrics
     return {"name": f"majority label {constant!r}", **metrics}
+
+
+def pope_object_prior(train_rows: Sequence[dict], test_rows: Sequence[dict]) -> dict[str, Any]:
+    """POPE metrics of a text-only model: each test question gets the majority answer of the training rows that ask
+    about the same `object` (the training split's overall majority for an object it never asks about).
+
+    Args:
+        train_rows, test_rows (`Sequence[dict]`): POPE rows with `object` and `answer`.
+    """
+    votes: dict[str, Counter] = {}
+    for row in train_rows:
+        votes.setdefault(row["object"], Counter())[str(row["answer"]).strip().lower()] += 1
+    overall = sum(votes.values(), Counter())
+    fallback = "yes" if overall["yes"] >= overall["no"] else "no"
+    predictions = []
+    for row in test_rows:
+        counts = votes.get(row["object"])
+        predictions.append(("yes" if counts["yes"] >= counts["no"] else "no") if counts else fallback)
+    return {"name": "text-only prior: training majority per object", **score_pope(predictions, test_rows).metrics}
 
 
 def baseline_vqa(rows: Sequence[dict]) -> dict[str, Any]:
