@@ -53,6 +53,11 @@ logger = logging.get_logger(__name__)
 IGNORE_INDEX = -100
 
 
+def unshift_labels(shift_labels: torch.Tensor) -> torch.Tensor:
+    """`labels` `(B, T)` from pre-shifted `shift_labels` (`shift_labels[:, t] = labels[:, t + 1]`); label 0 is -100."""
+    return torch.cat([torch.full_like(shift_labels[:, :1], IGNORE_INDEX), shift_labels[:, :-1]], dim=1)
+
+
 def image_runs(image_mask: torch.Tensor, num_images: int, tokens_per_image: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Maps each image to its row and the position of its first placeholder.
 
@@ -244,8 +249,7 @@ class AdaptiveCombinerModel(AdaptiveCombinerPreTrainedModel, CommModel):
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         if labels is None and kwargs.get("shift_labels") is not None:
-            shift_labels = kwargs["shift_labels"]  # shift_labels[:, t] = labels[:, t + 1]
-            labels = torch.cat([torch.full_like(shift_labels[:, :1], IGNORE_INDEX), shift_labels[:, :-1]], dim=1)
+            labels = unshift_labels(kwargs["shift_labels"])
         if labels is None:
             labels = combiner_labels
 
@@ -286,8 +290,8 @@ class AdaptiveCombinerForConditionalGeneration(AdaptiveCombinerPreTrainedModel, 
         the labels on as `combiner_labels`, so the combiner still keeps the answer out of the fused tokens."""
         if kwargs.get("combiner_labels") is None:
             labels, shift_labels = kwargs.get("labels"), kwargs.get("shift_labels")
-            if labels is None and shift_labels is not None:  # shift_labels[:, t] = labels[:, t + 1]
-                labels = torch.cat([torch.full_like(shift_labels[:, :1], IGNORE_INDEX), shift_labels[:, :-1]], dim=1)
+            if labels is None and shift_labels is not None:
+                labels = unshift_labels(shift_labels)
             if labels is not None:
                 kwargs["combiner_labels"] = labels
         return kwargs
@@ -346,4 +350,5 @@ __all__ = [
     "AdaptiveCombinerPreTrainedModel",
     "image_runs",
     "prompt_text_mask",
+    "unshift_labels",
 ]
