@@ -5,9 +5,11 @@ COMM (Jiang et al. 2023) reads boxes as text (Shikra's `[x1,y1,x2,y2]`). To answ
 turn those tokens into box digits. On the main job's tiny COMM (same sizes, same encoder warm-up, same init) this
 script measures each part on the x1 coordinate's tenths digit (the first informative token of a box):
 
-1. Linear probes on the frozen visual tokens (after the initial projector), per number of objects in the scene:
-   `object mean`: tokens averaged over the named object's patches (perfect binding; the ceiling of reading);
-   `image mean`: tokens averaged over the whole image (no binding; what flat attention gives).
+1. Probes on the frozen visual tokens (after the initial projector), per number of objects in the scene:
+   `object mean`: a linear probe on the tokens averaged over the named object's patches (binding given: the ceiling
+   of reading); `image mean`: the same on the whole image's mean token (no binding: what flat attention gives);
+   `attention probe`: one attention head whose query is a learned embedding of the named category, trained like the
+   LLM (binding learned, but from a query handed to it instead of composed from the phrase's tokens).
 2. The LLM trained on REC rows alone (plain AdamW loop, batch 16, lr 1e-3, encoders frozen as in the recipe), once
    on one-object scenes (reading only) and once on the main job's 1-4-object scenes (reading and binding): x1-tenths
    accuracy of the next-token prediction on held-out 1-4-object REC rows during training.
@@ -54,28 +56,33 @@ def x1_tenths(obj, scene) -> int:
     return min(int(normalize_box(obj.box, (scene.width, scene.height))[0] * 10), 9)
 
 
-def probe_features(model, processor, scenes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per object: its patches' mean visual token, the image's mean token, its x1 tenths digit, the scene's objects.
+def probe_features(model, processor, scenes) -> dict[str, torch.Tensor]:
+    """Frozen visual tokens of `scenes` (after the initial projector) and, per object, what the probes read.
 
     Returns:
-        `(object_mean (M, D), image_mean (M, D), digit (M,), num_objects (M,))`.
+        `tokens (S, N, D)`, and per object (M of them): `object_mean (M, D)` over its patches, `image_mean (M, D)`,
+        `scene (M,)` index into `tokens`, `category (M,)` colour-shape class, `digit (M,)` x1 tenths, `count (M,)`
+        objects in its scene.
     """
     grid = patch_grid(model.config.vision_config)
     pixel_values = processor.image_processor([s.render() for s in scenes], return_tensors="pt").pixel_values
     with torch.no_grad():
         tokens = model.model.get_image_features(pixel_values).last_hidden_state  # (S, grid * grid, D)
-    object_mean, image_mean, digit, count = [], [], [], []
-    for scene, feats in zip(scenes, tokens):
+    found: dict[str, list] = {k: [] for k in ("object_mean", "image_mean", "scene", "category", "digit", "count")}
+    for index, (scene, feats) in enumerate(zip(scenes, tokens)):
         for obj in scene.objects:
             alone = type(scene)(scene_id=scene.scene_id, width=scene.width, height=scene.height, objects=[obj])
             mask = patch_labels(alone, grid, list(COLOURS), list(SHAPES))[0] > 0  # (grid * grid,)
             if not mask.any():
                 continue
-            object_mean.append(feats[mask].mean(0))
-            image_mean.append(feats.mean(0))
-            digit.append(x1_tenths(obj, scene))
-            count.append(len(scene.objects))
-    return torch.stack(object_mean), torch.stack(image_mean), torch.tensor(digit), torch.tensor(count)
+            found["object_mean"].append(feats[mask].mean(0))
+            found["image_mean"].append(feats.mean(0))
+            found["scene"].append(index)
+            found["category"].append(list(COLOURS).index(obj.colour) * len(SHAPES) + SHAPES.index(obj.shape))
+            found["digit"].append(x1_tenths(obj, scene))
+            found["count"].append(len(scene.objects))
+    stacked = {k: torch.stack(v) if k.endswith("mean") else torch.tensor(v) for k, v in found.items()}
+    return {"tokens": tokens, **stacked}
 
 
 def linear_probe(train_x, train_y, test_x, steps: int = 1500) -> torch.Tensor:
@@ -90,6 +97,41 @@ def linear_probe(train_x, train_y, test_x, steps: int = 1500) -> torch.Tensor:
         optimizer.step()
     with torch.no_grad():
         return head((test_x - mean) / std).argmax(-1)
+
+
+class AttentionProbe(torch.nn.Module):
+    """One attention head whose query is a learned embedding of the object's category (binding given the phrase)."""
+
+    def __init__(self, width: int, num_categories: int):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(width)
+        self.query = torch.nn.Embedding(num_categories, width)
+        self.key = torch.nn.Linear(width, width)
+        self.value = torch.nn.Linear(width, width)
+        self.head = torch.nn.Linear(width, 10)
+
+    def forward(self, tokens: torch.Tensor, category: torch.Tensor) -> torch.Tensor:
+        """`tokens (B, N, D)`, `category (B,)` -> x1 tenths logits `(B, 10)`."""
+        tokens = self.norm(tokens)
+        scores = torch.einsum("bnd,bd->bn", self.key(tokens), self.query(category)) / tokens.shape[-1] ** 0.5
+        return self.head(torch.einsum("bn,bnd->bd", scores.softmax(-1), self.value(tokens)))
+
+
+def attention_probe(train: dict, test: dict, steps: int, seed: int) -> torch.Tensor:
+    """Trains `AttentionProbe` like the LLM (batch 16, AdamW, lr 1e-3, `steps` steps); returns the test predictions."""
+    torch.manual_seed(seed)
+    probe = AttentionProbe(train["tokens"].shape[-1], len(COLOURS) * len(SHAPES))
+    optimizer = torch.optim.AdamW(probe.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(len(train["digit"]), (16,), generator=generator)
+        logits = probe(train["tokens"][train["scene"][idx]], train["category"][idx])
+        loss = F.cross_entropy(logits, train["digit"][idx])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        return probe(test["tokens"][test["scene"]], test["category"]).argmax(-1)
 
 
 def rec_batches(processor, split) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
@@ -172,13 +214,20 @@ def main() -> None:
         warm_up_encoders(model, processor.image_processor, scenes, steps=config.warmup_steps, seed=config.seed)
         model.save_pretrained(tmp)
 
-        # 1. Probes: perfect binding (object mean) vs none (image mean).
-        obj_tr, img_tr, y_tr, _ = probe_features(model, processor, generate_scenes(train_scenes, 0, "train"))
-        obj_te, img_te, y_te, n_te = probe_features(model, processor, generate_scenes(200, 0, "test"))
+        # 1. Probes: perfect binding (object mean), none (image mean), binding learned from a category query.
+        train = probe_features(model, processor, generate_scenes(train_scenes, 0, "train"))
+        held_out = probe_features(model, processor, generate_scenes(200, 0, "test"))
+        y_te, n_te = held_out["digit"], held_out["count"]
         probes = {
-            "object mean": linear_probe(obj_tr, y_tr, obj_te) == y_te,
-            "image mean": linear_probe(img_tr, y_tr, img_te) == y_te,
+            "linear probe, object mean (binding given)": linear_probe(
+                train["object_mean"], train["digit"], held_out["object_mean"]
+            ),
+            "linear probe, image mean (no binding)": linear_probe(
+                train["image_mean"], train["digit"], held_out["image_mean"]
+            ),
+            f"attention probe, category query, {steps} steps": attention_probe(train, held_out, steps, config.seed),
         }
+        probes = {name: predicted == y_te for name, predicted in probes.items()}
         lines = [
             "| x1 tenths accuracy on held-out objects, by objects in the scene | 1 | 2 | 3 | 4 | all |",
             "|---|" + "---:|" * 5,
@@ -190,7 +239,7 @@ def main() -> None:
             ]
             return f"| {label} | " + " | ".join(cells) + f" | {100 * right.float().mean():.1f} |"
 
-        lines += [row(f"linear probe, frozen tokens, {name}", right, n_te) for name, right in probes.items()]
+        lines += [row(name, right, n_te) for name, right in probes.items()]
 
         # 2. The LLM, REC rows only: one-object scenes vs the main job's scenes; tested on the main job's scenes.
         test = rec_batches(processor, make_synthetic_splits(2, 100 if not args.quick else 4, seed=0)["test"])
@@ -210,8 +259,8 @@ def main() -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, curve in curves.items():
         ax.plot(*zip(*[(s, 100 * a) for s, a in curve]), marker="o", label=f"LLM trained on {label}")
-    for (name, right), style in zip(probes.items(), ("--", ":")):
-        ax.axhline(100 * right.float().mean().item(), color="grey", linestyle=style, label=f"linear probe, {name}")
+    for (name, right), style in zip(probes.items(), ("--", ":", "-.")):
+        ax.axhline(100 * right.float().mean().item(), color="grey", linestyle=style, label=name)
     ax.set_xlabel("REC-only training steps")
     ax.set_ylabel("x1 tenths accuracy, held-out 1-4-object rows (%)")
     ax.set_title("Tiny COMM: reading a box vs binding a phrase to an object")

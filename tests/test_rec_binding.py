@@ -39,6 +39,6 @@ def test_quick_run_writes_the_tables_and_the_plot(bench, tmp_path, monkeypatch):
     torch.manual_seed(0)
     bench.main()
     table = (tmp_path / "rec_binding.md").read_text()
-    assert "linear probe, frozen tokens, object mean" in table
+    assert "linear probe, object mean (binding given)" in table and "attention probe, category query, 4 steps" in table
     assert "LLM after 4 REC-only steps on 1-4-object scenes" in table
     assert (tmp_path / "rec_binding.png").stat().st_size > 0
