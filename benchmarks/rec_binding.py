@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import matplotlib
@@ -45,6 +46,7 @@ from comm_vlm.evaluation.synthetic import (  # noqa: E402
 )
 from comm_vlm.main_job import MainJobConfig, build_family_model  # noqa: E402
 from comm_vlm.processing_comm import normalize_box  # noqa: E402
+from comm_vlm.tiny import tiny_text_config  # noqa: E402
 from comm_vlm.training.encoder_warmup import patch_labels, warm_up_encoders  # noqa: E402
 
 
@@ -195,57 +197,82 @@ def train_llm(init_dir, processor, train_split, test, steps: int, every: int, se
         optimizer.step()
 
 
+def run_probes(
+    model, processor, train_scenes: int, steps: int, seed: int
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The three probes; per probe, whether each held-out object's digit is right `(M,)` and its scene's objects."""
+    train = probe_features(model, processor, generate_scenes(train_scenes, 0, "train"))
+    held_out = probe_features(model, processor, generate_scenes(200, 0, "test"))
+    predictions = {
+        "linear probe, object mean (binding given)": linear_probe(
+            train["object_mean"], train["digit"], held_out["object_mean"]
+        ),
+        "linear probe, image mean (no binding)": linear_probe(
+            train["image_mean"], train["digit"], held_out["image_mean"]
+        ),
+        f"attention probe, category query, {steps} steps": attention_probe(train, held_out, steps, seed),
+    }
+    return {name: (predicted == held_out["digit"], held_out["count"]) for name, predicted in predictions.items()}
+
+
+def row(label: str, right: torch.Tensor, counts: torch.Tensor) -> str:
+    """A table row: accuracy by objects in the scene (1-4) and overall."""
+    cells = [f"{100 * right[counts == k].float().mean():.1f}" if (counts == k).any() else "-" for k in range(1, 5)]
+    return f"| {label} | " + " | ".join(cells) + f" | {100 * right.float().mean():.1f} |"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", default="benchmarks")
     parser.add_argument("--steps", type=int, default=1500, help="REC-only training steps per LLM run")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny data, a few steps")
+    variants = parser.add_argument_group("LLM variants (with --llm-only: no probes, only the 1-4-object LLM run)")
+    variants.add_argument("--llm-only", action="store_true")
+    variants.add_argument("--llm-layers", type=int, help="LLM layers (main job: 3)")
+    variants.add_argument("--llm-heads", type=int, help="attention heads = key/value heads (main job: 4 and 2)")
+    variants.add_argument("--llm-init-std", type=float, help="LLM init std (main job: 1/sqrt(width))")
+    variants.add_argument("--question-first", action="store_true", help="the question before the image")
+    variants.add_argument("--train-scenes", type=int, default=2000, help="training scenes (main job: 600)")
     args = parser.parse_args()
     torch.manual_seed(0)
     config = MainJobConfig.quick() if args.quick else MainJobConfig()
+    config = replace(config, llm_layers=args.llm_layers or config.llm_layers, llm_init_std=args.llm_init_std)
     steps, every = (4, 2) if args.quick else (args.steps, 250)
-    train_scenes = config.train_scenes if args.quick else 2000
+    train_scenes = config.train_scenes if args.quick else args.train_scenes
+    synthetic = {"image_after_question": args.question_first}
+    overrides = {}
+    if args.llm_heads:
+        std = config.llm_init_std or config.llm_width**-0.5
+        heads = {"num_attention_heads": args.llm_heads, "num_key_value_heads": args.llm_heads}
+        text = tiny_text_config(config.vocab_size, config.llm_width, config.llm_layers, initializer_range=std, **heads)
+        overrides["text_config"] = text
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    lines = [
+        "| x1 tenths accuracy on held-out objects, by objects in the scene | 1 | 2 | 3 | 4 | all |",
+        "|---|" + "---:|" * 5,
+    ]
 
     with tempfile.TemporaryDirectory() as tmp:
-        model, processor = build_family_model("comm", config, tmp)
+        model, processor = build_family_model("comm", config, tmp, **overrides)
         scenes = generate_scenes(config.train_scenes, config.seed, "train")
         warm_up_encoders(model, processor.image_processor, scenes, steps=config.warmup_steps, seed=config.seed)
         model.save_pretrained(tmp)
 
         # 1. Probes: perfect binding (object mean), none (image mean), binding learned from a category query.
-        train = probe_features(model, processor, generate_scenes(train_scenes, 0, "train"))
-        held_out = probe_features(model, processor, generate_scenes(200, 0, "test"))
-        y_te, n_te = held_out["digit"], held_out["count"]
-        probes = {
-            "linear probe, object mean (binding given)": linear_probe(
-                train["object_mean"], train["digit"], held_out["object_mean"]
-            ),
-            "linear probe, image mean (no binding)": linear_probe(
-                train["image_mean"], train["digit"], held_out["image_mean"]
-            ),
-            f"attention probe, category query, {steps} steps": attention_probe(train, held_out, steps, config.seed),
-        }
-        probes = {name: predicted == y_te for name, predicted in probes.items()}
-        lines = [
-            "| x1 tenths accuracy on held-out objects, by objects in the scene | 1 | 2 | 3 | 4 | all |",
-            "|---|" + "---:|" * 5,
-        ]
-
-        def row(label: str, right: torch.Tensor, counts: torch.Tensor) -> str:
-            cells = [
-                f"{100 * right[counts == k].float().mean():.1f}" if (counts == k).any() else "-" for k in range(1, 5)
-            ]
-            return f"| {label} | " + " | ".join(cells) + f" | {100 * right.float().mean():.1f} |"
-
-        lines += [row(name, right, n_te) for name, right in probes.items()]
+        probes = {} if args.llm_only else run_probes(model, processor, train_scenes, steps, config.seed)
+        lines += [row(name, right, counts) for name, (right, counts) in probes.items()]
 
         # 2. The LLM, REC rows only: one-object scenes vs the main job's scenes; tested on the main job's scenes.
-        test = rec_batches(processor, make_synthetic_splits(2, 100 if not args.quick else 4, seed=0)["test"])
+        test_scenes = 4 if args.quick else 100
+        test = rec_batches(
+            processor, make_synthetic_splits(2, test_scenes, seed=0, config=SyntheticConfig(**synthetic))["test"]
+        )
+        runs = (("1-4-object scenes", 4),) if args.llm_only else (("1-object scenes", 1), ("1-4-object scenes", 4))
         curves = {}
-        for label, max_objects in (("1-object scenes", 1), ("1-4-object scenes", 4)):
-            split = make_synthetic_splits(train_scenes, 2, seed=0, config=SyntheticConfig(max_objects=max_objects))
+        for label, max_objects in runs:
+            split_config = SyntheticConfig(max_objects=max_objects, **synthetic)
+            split = make_synthetic_splits(train_scenes, 2, seed=0, config=split_config)
             curves[label], final = train_llm(tmp, processor, split["train"], test, steps, every, config.seed)
             lines.append(row(f"LLM after {steps} REC-only steps on {label}", final, test[2]))
 
@@ -259,7 +286,7 @@ def main() -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, curve in curves.items():
         ax.plot(*zip(*[(s, 100 * a) for s, a in curve]), marker="o", label=f"LLM trained on {label}")
-    for (name, right), style in zip(probes.items(), ("--", ":", "-.")):
+    for (name, (right, _)), style in zip(probes.items(), ("--", ":", "-.")):
         ax.axhline(100 * right.float().mean().item(), color="grey", linestyle=style, label=name)
     ax.set_xlabel("REC-only training steps")
     ax.set_ylabel("x1 tenths accuracy, held-out 1-4-object rows (%)")
