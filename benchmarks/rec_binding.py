@@ -16,8 +16,9 @@ script measures each part on the x1 coordinate's tenths digit (the first informa
 
 Writes `rec_binding.md` (tables) and `rec_binding.png` (accuracy vs steps, probes as lines) to `--output-dir`.
 
-    PYTHONPATH=src python benchmarks/rec_binding.py                 # about 10 minutes on 2 cores
+    PYTHONPATH=src python benchmarks/rec_binding.py                 # about 11 minutes on 2 cores
     PYTHONPATH=src python benchmarks/rec_binding.py --quick         # smoke run, seconds
+    PYTHONPATH=src python benchmarks/rec_binding.py --llm-only --question-first --output-dir /tmp/qf  # a variant
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
+from transformers import AutoModelForImageTextToText  # noqa: E402
 
 from comm_vlm.configuration_comm import patch_grid  # noqa: E402
 from comm_vlm.evaluation.synthetic import (  # noqa: E402
@@ -172,8 +174,6 @@ def train_llm(init_dir, processor, train_split, test, steps: int, every: int, se
         `(curve, final)`: `[(step, accuracy on all test rows)]` every `every` steps, and the last step's per-row
         correctness `(R,)`.
     """
-    from transformers import AutoModelForImageTextToText
-
     model = AutoModelForImageTextToText.from_pretrained(init_dir)
     for name, param in model.named_parameters():
         param.requires_grad_("vision_tower" not in name)
