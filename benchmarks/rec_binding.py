@@ -266,13 +266,14 @@ def main() -> None:
         # 2. The LLM, REC rows only: one-object scenes vs the main job's scenes; tested on the main job's scenes.
         test_scenes = 4 if args.quick else 100
         test = rec_batches(
-            processor, make_synthetic_splits(2, test_scenes, seed=0, config=SyntheticConfig(**synthetic))["test"]
+            processor,
+            make_synthetic_splits(2, test_scenes, seed=0, tasks=["rec"], config=SyntheticConfig(**synthetic))["test"],
         )
         runs = (("1-4-object scenes", 4),) if args.llm_only else (("1-object scenes", 1), ("1-4-object scenes", 4))
         curves = {}
         for label, max_objects in runs:
             split_config = SyntheticConfig(max_objects=max_objects, **synthetic)
-            split = make_synthetic_splits(train_scenes, 2, seed=0, config=split_config)
+            split = make_synthetic_splits(train_scenes, 2, seed=0, tasks=["rec"], config=split_config)
             curves[label], final = train_llm(tmp, processor, split["train"], test, steps, every, config.seed)
             lines.append(row(f"LLM after {steps} REC-only steps on {label}", final, test[2]))
 
