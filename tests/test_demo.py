@@ -40,10 +40,14 @@ def test_pipeline_generates_like_model_generate(tmp_path):
     assert out == processor.decode(ids, skip_special_tokens=True)
 
 
-def test_main_job_quick_runs_every_family_end_to_end(tmp_path):
-    from comm_vlm.main_job import FAMILIES, MainJobConfig, run_main_job
+def test_main_job_quick_runs_every_family_end_to_end(tmp_path, capsys):
+    import json
 
-    results = run_main_job(tmp_path, MainJobConfig.quick())
+    from comm_vlm.main_job import FAMILIES, MainJobConfig
+
+    assert main(["demo", "--quick", "--output-dir", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["encoder_warmup"]) == {"vision", "secondary_vision"}
     shared = load_file(tmp_path / "encoders" / "model.safetensors")
     assert list(results["models"]) == list(FAMILIES)
@@ -56,9 +60,35 @@ def test_main_job_quick_runs_every_family_end_to_end(tmp_path):
         towers = [k for k in init if ".vision_tower." in k or ".secondary_vision_tower." in k]
         assert towers and all(torch.equal(init[k], shared[k]) for k in towers)
         assert isinstance(result["served"]["answer"], str)
+        assert result["served"]["image_first"] is not MainJobConfig.quick().image_after_question
     assert Path(results["models"]["matryoshka_llava"]["plot"]).exists()
+    assert printed.count("  served (question first) 'Please provide the bounding box coordinate") == len(FAMILIES)
     table = (tmp_path / "results.md").read_text()
+    assert table.strip() in printed
     assert "| task | metric (x100) | comm | matryoshka_llava | adaptive_combiner | baseline |" in table
     assert "| vqa (colour) | VQA acc vs colour majority |" in table
     assert "| pope | Acc vs text-only prior |" in table
     assert (tmp_path / "results.json").exists()
+
+
+@pytest.mark.parametrize("image_after_question", [False, True])
+def test_served_grounding_prompt_is_the_training_rec_prompt(tmp_path, image_after_question):
+    """The pipeline prompt of the main job renders to the same text as the REC rows the models were trained on."""
+    from comm_vlm.evaluation.synthetic import SyntheticConfig, build_rows, generate_scenes
+    from comm_vlm.main_job import MainJobConfig, grounding_prompt
+
+    _, processor = build_tiny_checkpoint(tmp_path, layout="comm")
+    config = MainJobConfig(image_after_question=image_after_question)
+    scene = generate_scenes(1, 1, "demo")[0]
+    messages, row = grounding_prompt(scene, config)
+    assert row["object"] == scene.objects[0].name and row["task"] == "rec"
+    assert [part["type"] for part in messages[0]["content"]] == (
+        ["text", "image"] if image_after_question else ["image", "text"]
+    )
+    (image,) = [part["image"] for part in messages[0]["content"] if part["type"] == "image"]
+    assert np.array_equal(np.asarray(image), np.asarray(scene.render()))
+    trained = build_rows(
+        [scene], split="train", tasks=["rec"], config=SyntheticConfig(image_after_question=image_after_question)
+    )[0]
+    render = processor.apply_chat_template
+    assert render(messages, add_generation_prompt=True) == render(trained["messages"][:1], add_generation_prompt=True)

@@ -473,3 +473,53 @@ def test_parse_mixes_good_and_bad_boxes_in_order():
 @pytest.mark.parametrize("text", ["no boxes here", "see [1] and [23]", "[cat, dog]", "[]", "[ ]", "unclosed [0.1,0.2"])
 def test_parse_ignores_non_box_brackets(text):
     assert parse_boxes(text) == BoxParseResult()
+
+
+def _conversation(image, question, answer, image_first=True, turns=1):
+    user = [{"type": "image", "image": image}, {"type": "text", "text": question}]
+    messages = [{"role": "user", "content": user if image_first else user[::-1]}]
+    messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    for k in range(1, turns):
+        messages.append({"role": "user", "content": [{"type": "text", "text": f"And {k}?"}]})
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": f"{answer} {k}"}]})
+    return messages
+
+
+def test_assistant_masks_equal_transformers_and_cover_only_answers(tokenizer, monkeypatch):
+    """TRL's collator call: the vectorised masks equal `ProcessorMixin`'s, for either image position (image tokens
+    expanded before or after the question), multi-turn conversations and right padding."""
+    from transformers.processing_utils import ProcessorMixin
+
+    processor = CommProcessor(make_image_processor(), tokenizer, num_image_tokens=N_TOKENS)
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8))
+    conversations = [
+        _conversation(image, "Where is it?", "[0.100,0.200,0.300,0.400]"),
+        _conversation(image, "What colour is the square? Answer briefly.", "red", image_first=False),
+        _conversation(image, "Describe it.", "A small blue circle at the top.", turns=3),
+        _conversation(image, "Is there a cat?", "no", image_first=False, turns=2),
+    ]
+    kwargs = {"padding": True, "padding_side": "right", "add_special_tokens": False}
+
+    def collate():
+        return processor.apply_chat_template(
+            conversations,
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
+            return_assistant_tokens_mask=True,
+            processor_kwargs=kwargs,
+        )
+
+    ours = collate()
+    base = ProcessorMixin._adjust_assistant_masks_indices
+    monkeypatch.setattr(CommProcessor, "_adjust_assistant_masks_indices", base)
+    reference = collate()
+    assert ours["assistant_masks"].dtype == reference["assistant_masks"].dtype == torch.long
+    assert torch.equal(ours["assistant_masks"], reference["assistant_masks"])
+    assert torch.equal(ours["input_ids"], reference["input_ids"])
+    first = tokenizer.decode(ours["input_ids"][0][ours["assistant_masks"][0].bool()])
+    assert first == f" [0.100,0.200,0.300,0.400]{tokenizer.eos_token}"
+    third = tokenizer.decode(ours["input_ids"][2][ours["assistant_masks"][2].bool()])
+    assert third.count(tokenizer.eos_token) == 3 and "And 1?" not in third
+    assert not ours["assistant_masks"][ours["input_ids"] == processor.image_token_id].any()

@@ -25,7 +25,7 @@ from comm_vlm.training import (
     shikra_to_messages,
     validate_samples,
 )
-from comm_vlm.training.data import load_source
+from comm_vlm.training.data import load_source, sample_problem
 
 
 @pytest.fixture(scope="module")
@@ -182,6 +182,25 @@ def test_bad_samples_are_skipped_and_counted(messy_llava):
         "image placeholder count mismatch": 1,
     }
     assert "4 of 5 samples skipped" in str(report)
+
+
+def test_mixture_validates_each_source_once_and_never_draws_a_bad_row(messy_llava, tmp_path):
+    directory = tmp_path / "tiny"
+    clean = make_tiny_dataset(directory, 6)
+    spec = {
+        "mixture": [
+            {"path": str(messy_llava), "format": "llava", "image_folder": str(messy_llava.parent), "weight": 3.0},
+            {"path": str(clean), "format": "llava", "image_folder": str(directory), "weight": 1.0},
+        ]
+    }
+    mixed, report = build_dataset(spec, seed=0)
+    # Counted per source row (5 messy + 6 clean), not per drawn row; the messy source's 4 bad rows are all dropped.
+    assert (report.total, report.kept, report.skipped) == (11, 7, 4)
+    assert report.reasons["missing image"] == 1 and report.reasons["corrupt image"] == 1
+    good = str(messy_llava.parent / "good.png")
+    drawn = [row["images"][0] for row in mixed]
+    assert len(mixed) > 11 and drawn.count(good) > 1  # the one good messy row is oversampled at weight 3
+    assert all(sample_problem(row) is None for row in mixed)
 
 
 def test_all_bad_dataset_fails_fast(messy_llava):

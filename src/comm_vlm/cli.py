@@ -167,7 +167,8 @@ def _main_job(args: argparse.Namespace) -> int:
         sys.stdout.write(
             f"{family}: stages {[(s['stage'], round(s['train_loss'], 3)) for s in result['stages']]}, "
             f"{result['seconds']} s\n"
-            f"  served {served['question']!r} -> {served['answer']!r} (true box {served['true_box']})\n"
+            f"  served ({'image' if served['image_first'] else 'question'} first) {served['question']!r} -> "
+            f"{served['answer']!r} (true box {served['true_box']})\n"
         )
         if result.get("plot"):
             sys.stdout.write(f"  accuracy vs visual tokens: {result['plot']}\n")

@@ -28,7 +28,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
 from transformers.utils import logging
 
 from .evaluation.runners import evaluate, evaluate_matryoshka
-from .evaluation.synthetic import SyntheticConfig, generate_scenes, make_synthetic_splits
+from .evaluation.synthetic import SyntheticConfig, build_rows, generate_scenes, make_synthetic_splits
 from .evaluation.tasks import TASK_SPECS, pope_object_prior
 from .hub import parse_pipeline_boxes
 from .tiny import build_tiny_checkpoint, tiny_text_config, tiny_vision_config
@@ -59,22 +59,25 @@ class MainJobConfig:
     test_scenes: int = 100
     warmup_steps: int = 600
     stage_steps: tuple[int, int] = (600, 600)
-    # Per-family steps where they differ from `stage_steps`, within the 15-minute budget: COMM gets the longest
-    # stage 2 (its REC needs the most updates), M3's all-scale steps cost about 2x a single-scale step.
+    # Per-family steps where they differ from `stage_steps`, within the 15-minute budget. COMM gets most of it: its
+    # tiny random LLM learns to bind a referring phrase to its object only after about 1500 REC-weighted steps
+    # (`benchmarks/rec_binding.py`), and REC stays at chance before that. M3's all-scale steps cost about 2.5x a
+    # single-scale step.
     family_stage_steps: dict[str, tuple[int, int]] = field(
-        default_factory=lambda: {"comm": (600, 1200), "matryoshka_llava": (400, 300), "adaptive_combiner": (500, 500)}
+        default_factory=lambda: {"comm": (500, 2600), "matryoshka_llava": (400, 250), "adaptive_combiner": (250, 200)}
     )
     batch_size: int = 16
     learning_rate: float = 1e-3
     # Mixture weight of the one-word-answer rows (POPE, VQA) against all rows: their answers are 1-2 tokens against
     # ~25 for a box or a caption, so without it they get a tiny share of the gradient.
-    short_answer_weight: float = 1.0
+    short_answer_weight: float = 1.5
     # Mixture weight of the REC rows in stage 2 (on top of their share of all rows): a box is 25 digit-level tokens
     # that take many more updates than a yes/no answer.
     rec_weight: float = 4.0
-    # The question before the image in every prompt (see `SyntheticConfig.image_after_question`); LLaVA's order
-    # (image first) by default.
-    image_after_question: bool = False
+    # The question before the image in every prompt (see `SyntheticConfig.image_after_question`). With the question
+    # first, the visual tokens can attend to the referring phrase, and the tiny random LLM learns to bind a phrase to
+    # its object in about half the steps (`benchmarks/rec_binding.py`); `False` is LLaVA's order (image first).
+    image_after_question: bool = True
     image_size: int = 64
     patch_size: int = 8
     vision_width: int = 64
@@ -168,6 +171,9 @@ def family_recipe(family: str, config: MainJobConfig, init_dir: str | Path, data
         "logging_steps": 25,
         "save_strategy": "no",
         "seed": config.seed,
+        # TRL turns activation checkpointing on by default; these tiny models fit anyway, and recomputing every
+        # block's forward in the backward pass costs about 10% of a step here.
+        "activation_checkpointing": False,
     }
     rows = {g: {"path": str(data_paths[g]), "format": "messages"} for g in ("all", "short", "rec")}
     weights = {"all": 1.0, "short": config.short_answer_weight, "rec": config.rec_weight}
@@ -184,22 +190,33 @@ def family_recipe(family: str, config: MainJobConfig, init_dir: str | Path, data
     }
 
 
-def _grounding_answer(final_dir: str, scene) -> dict:
-    """Asks the served model for the box of the scene's first object, through `pipeline()`."""
-    target = scene.objects[0]
-    question = f"Please provide the bounding box coordinate of the region this sentence describes: the {target.name}."
-    pipe = pipeline("image-text-to-text", model=final_dir)
-    messages = [
-        {"role": "user", "content": [{"type": "image", "image": scene.render()}, {"type": "text", "text": question}]}
+def grounding_prompt(scene, config: MainJobConfig) -> tuple[list[dict], dict]:
+    """The chat messages of a REC question about the scene's first object, exactly as the training rows ask it.
+
+    The prompt comes from the synthetic REC row builder with the job's `SyntheticConfig`, so its wording and its
+    image/question order are those the models were trained on (a question-first model reads an image-first prompt as
+    noise). Returns `(messages, row)`: the user turn with the rendered image in its placeholder, and the REC row.
+    """
+    synthetic = SyntheticConfig(image_after_question=config.image_after_question)
+    row = build_rows([scene], seed=config.seed, split="demo", tasks=["rec"], config=synthetic)[0]
+    content = [
+        {"type": "image", "image": row["images"][0]} if part["type"] == "image" else dict(part)
+        for part in row["messages"][0]["content"]
     ]
+    return [{"role": "user", "content": content}], row
+
+
+def _grounding_answer(final_dir: str, scene, config: MainJobConfig) -> dict:
+    """Asks the served model for the box of the scene's first object, through `pipeline()`."""
+    messages, row = grounding_prompt(scene, config)
+    pipe = pipeline("image-text-to-text", model=final_dir)
     out = parse_pipeline_boxes(pipe(text=messages, max_new_tokens=32, generate_kwargs={"do_sample": False}))[0]
-    width, height = scene.width, scene.height
-    x1, y1, x2, y2 = target.box
     return {
-        "question": question,
+        "question": row["question"],
+        "image_first": messages[0]["content"][0]["type"] == "image",
         "answer": out["generated_text"][-1]["content"],
         "boxes": out["boxes"],
-        "true_box": [round(x1 / width, 3), round(y1 / height, 3), round(x2 / width, 3), round(y2 / height, 3)],
+        "true_box": [round(v, 3) for v in row["box"]],
     }
 
 
@@ -256,7 +273,7 @@ def run_main_job(output_dir: str | Path, config: MainJobConfig | None = None) ->
             "stages": [{"stage": s.stage, "train_loss": s.train_loss, "skipped": str(s.skip_report)} for s in stages],
             "final_dir": final_dir,
             "eval": evaluation.to_dict(with_predictions=False)["tasks"],
-            "served": _grounding_answer(final_dir, generate_scenes(1, config.seed + 1, "demo")[0]),
+            "served": _grounding_answer(final_dir, generate_scenes(1, config.seed + 1, "demo")[0], config),
             "seconds": round(time.perf_counter() - family_start, 1),
             **extra,
         }

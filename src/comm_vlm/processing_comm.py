@@ -12,6 +12,7 @@ as remote code.
 
 from __future__ import annotations
 
+import bisect
 import math
 import os
 import re
@@ -356,6 +357,30 @@ class CommProcessor(ProcessorMixin):
         if images is not None:
             images = _load_images(images)
         return super().prepare_inputs_layout(images=images, text=text, videos=videos, audio=audio, **kwargs)
+
+    def _adjust_assistant_masks_indices(self, processed_dict: dict[str, Any], generation_indices: list[list[int]]):
+        """`ProcessorMixin`'s assistant-token masks, computed on the offset tensor instead of element by element.
+
+        With `return_tensors="pt"` (TRL's vision collator) the base class iterates the `(batch, seq, 2)` offset tensor
+        one element at a time: about 20 ms of a 50 ms collation for 16 rows here. Same masks (tested against it), as a
+        `(batch, seq)` long tensor: a token is an assistant token if its characters overlap a `{% generation %}` span,
+        the span shifted past the image placeholders expanded before it.
+        """
+        offsets = processed_dict.get("offset_mapping")
+        if not isinstance(offsets, torch.Tensor):
+            return super()._adjust_assistant_masks_indices(processed_dict, generation_indices)
+        processed_dict.pop("offset_mapping")
+        replacements = processed_dict.pop("text_replacement_offsets", None) or [[]] * len(offsets)
+        token_starts, token_ends = offsets[..., 0], offsets[..., 1]  # (batch, seq)
+        masks = torch.zeros(token_starts.shape, dtype=torch.bool)
+        for i, spans in enumerate(generation_indices):
+            placeholder_ends = [r["span"][1] for r in replacements[i]]
+            chars_gained = [0] + [r["new_span"][1] - r["span"][1] for r in replacements[i]]
+            for span in spans:
+                start, end = (char + chars_gained[bisect.bisect_right(placeholder_ends, char)] for char in span)
+                masks[i] |= (token_starts[i] < end) & (token_ends[i] > start)
+        processed_dict["assistant_masks"] = masks.long()
+        return processed_dict
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
         """Every image expands to the same number of image tokens (the image processor outputs a fixed size)."""

@@ -186,13 +186,23 @@ def mix_datasets(datasets: list[Dataset], weights: list[float], seed: int = 0) -
 
 
 def build_dataset(spec: dict[str, Any], seed: int = 0) -> tuple[Dataset, SkipReport]:
-    """A recipe's `dataset:` entry: one source (`path`, `format`, `image_folder`) or `mixture: [{..., weight}]`."""
-    if "mixture" in spec:
-        sources = [load_source(s["path"], s.get("format", "llava"), s.get("image_folder")) for s in spec["mixture"]]
-        dataset = mix_datasets(sources, [s.get("weight", 1.0) for s in spec["mixture"]], seed=seed)
-    else:
-        dataset = load_source(spec["path"], spec.get("format", "llava"), spec.get("image_folder"))
-    return validate_samples(dataset)
+    """A recipe's `dataset:` entry: one source (`path`, `format`, `image_folder`) or `mixture: [{..., weight}]`.
+
+    A mixture's sources are validated before they are interleaved: the report counts each source row once (the mixture
+    repeats rows), and a bad row is dropped before it can be drawn.
+    """
+    if "mixture" not in spec:
+        return validate_samples(load_source(spec["path"], spec.get("format", "llava"), spec.get("image_folder")))
+    sources, report = [], SkipReport()
+    for source in spec["mixture"]:
+        rows, source_report = validate_samples(
+            load_source(source["path"], source.get("format", "llava"), source.get("image_folder"))
+        )
+        sources.append(rows)
+        report.total += source_report.total
+        report.kept += source_report.kept
+        report.reasons.update(source_report.reasons)
+    return mix_datasets(sources, [s.get("weight", 1.0) for s in spec["mixture"]], seed=seed), report
 
 
 __all__ = [
