@@ -1,4 +1,4 @@
-"""Why REC stays near chance in the main job: reading a box out of the visual tokens vs binding a phrase to an object.
+"""When a tiny random LLM learns REC: reading a box out of the visual tokens vs binding a phrase to an object.
 
 COMM (Jiang et al. 2023) reads boxes as text (Shikra's `[x1,y1,x2,y2]`). To answer "the yellow square" the LLM must
 (a) *bind*: attend, from the answer position, to the visual tokens of the object the phrase names, and (b) *read*:

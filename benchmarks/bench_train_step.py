@@ -1,0 +1,111 @@
+"""CPU cost of one main-job training step (COMM stage 2): TRL's collation and the forward/backward.
+
+Two measured choices of the main job (`comm_vlm.main_job`, COMM paper: Jiang et al. 2023, arXiv 2310.08825):
+
+1. **Assistant masks.** TRL's vision collator asks the processor for assistant-token masks. `ProcessorMixin` builds
+   them by iterating the `(batch, seq, 2)` offset tensor element by element; `CommProcessor` computes the same masks on
+   the tensor. Timed: the collation of one batch of rows with each, outputs asserted equal.
+2. **Activation checkpointing.** TRL's `SFTConfig` turns it on by default; the main job turns it off for its tiny
+   models. Timed: forward + backward + AdamW step of the main job's tiny COMM on one collated batch with and without,
+   losses and gradients asserted equal.
+
+Run: `PYTHONPATH=src python benchmarks/bench_train_step.py [--quick] [--threads N]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+
+import torch
+from bench_utils import cpu_name, interleaved_times
+from transformers.processing_utils import ProcessorMixin
+
+from comm_vlm.evaluation.synthetic import SyntheticConfig, make_synthetic_splits
+from comm_vlm.main_job import MainJobConfig, build_family_model
+from comm_vlm.processing_comm import CommProcessor
+from comm_vlm.training import build_trainer, default_sft_config
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="5 repetitions, 1 warm-up (default 20 and 3)")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="default: all cores")
+    parser.add_argument("--batch-size", type=int, default=MainJobConfig.batch_size)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    reps, warmup = (5, 1) if args.quick else (20, 3)
+    job = MainJobConfig()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model, processor = build_family_model("comm", job, f"{tmp}/init")
+        synthetic = SyntheticConfig(image_after_question=job.image_after_question)
+        rows = make_synthetic_splits(24, 1, seed=0, config=synthetic, image_dir=f"{tmp}/data")["train"]
+        rows = rows.shuffle(seed=0).select(range(args.batch_size)).select_columns(["messages", "images"])
+        sft_args = default_sft_config(
+            f"{tmp}/out", per_device_train_batch_size=args.batch_size, activation_checkpointing=False
+        )
+        collator = build_trainer(model, processor, rows, "comm_instruct", sft_args).data_collator
+        examples = [dict(row) for row in rows]
+
+        def collate_ours():
+            return collator([dict(e) for e in examples])
+
+        vectorised = CommProcessor._adjust_assistant_masks_indices
+
+        def collate_base():
+            CommProcessor._adjust_assistant_masks_indices = ProcessorMixin._adjust_assistant_masks_indices
+            try:
+                return collator([dict(e) for e in examples])
+            finally:
+                CommProcessor._adjust_assistant_masks_indices = vectorised
+
+        ours, base = collate_ours(), collate_base()
+        if not all(torch.equal(ours[k], base[k]) for k in base if isinstance(base[k], torch.Tensor)):
+            raise RuntimeError("the two collations differ")
+        collate = interleaved_times({"ours": collate_ours, "base": collate_base}, reps, warmup)
+
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0)
+        model.train()
+
+        def step(checkpointing: bool):
+            if checkpointing:
+                model.gradient_checkpointing_enable()
+            else:
+                model.gradient_checkpointing_disable()
+            loss = model(**ours).loss
+            loss.backward()
+            grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+            optimizer.step()  # lr 0: the weights stay put, every repetition does identical work
+            optimizer.zero_grad()
+            return loss.detach(), grads
+
+        (loss_on, grads_on), (loss_off, grads_off) = step(True), step(False)
+        torch.testing.assert_close(loss_on, loss_off)
+        for g_on, g_off in zip(grads_on, grads_off):
+            torch.testing.assert_close(g_on, g_off, rtol=1e-4, atol=1e-6)
+        train = interleaved_times({"off": lambda: step(False), "on": lambda: step(True)}, reps, warmup)
+
+    seq = tuple(ours["input_ids"].shape)
+    print(f"{cpu_name()}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}")
+    print(f"main job's tiny COMM, {args.batch_size} question-first synthetic rows per batch, input_ids {seq}\n")
+    print("| timed | ours (ms) | baseline (ms) | ours / baseline |")
+    print("|---|---:|---:|---:|")
+    print(
+        f"| collation, assistant masks on the tensor vs `ProcessorMixin`'s loop | {1e3 * collate['ours'][0]:.1f} "
+        f"| {1e3 * collate['base'][0]:.1f} | {collate['ours'][0] / collate['base'][0]:.2f} |"
+    )
+    print(
+        f"| forward + backward + AdamW, checkpointing off vs on | {1e3 * train['off'][0]:.1f} "
+        f"| {1e3 * train['on'][0]:.1f} | {train['off'][0] / train['on'][0]:.2f} |"
+    )
+    print(
+        f"\nmedians of {reps} interleaved repetitions after {warmup} warm-up; mins: "
+        f"collation {1e3 * collate['ours'][1]:.1f} / {1e3 * collate['base'][1]:.1f} ms, "
+        f"step {1e3 * train['off'][1]:.1f} / {1e3 * train['on'][1]:.1f} ms"
+    )
+
+
+if __name__ == "__main__":
+    main()
