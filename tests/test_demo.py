@@ -92,3 +92,33 @@ def test_served_grounding_prompt_is_the_training_rec_prompt(tmp_path, image_afte
     )[0]
     render = processor.apply_chat_template
     assert render(messages, add_generation_prompt=True) == render(trained["messages"][:1], add_generation_prompt=True)
+
+
+def test_m3_derived_from_a_trained_comm_starts_as_that_comm(tmp_path):
+    """M3's main-job init carries every COMM weight over: at its full scale it computes COMM's logits exactly."""
+    from comm_vlm.main_job import MainJobConfig, build_family_model, derive_family_model
+
+    config = MainJobConfig.quick()
+    comm, comm_processor = build_family_model("comm", config, tmp_path / "comm")
+    m3, m3_processor = derive_family_model("matryoshka_llava", config, tmp_path / "comm", tmp_path / "m3")
+    assert type(m3).__name__ == "MatryoshkaLlavaForConditionalGeneration"
+    assert m3.config.matryoshka_default_scale == m3.config.image_seq_length == comm.config.image_seq_length
+    assert m3_processor.matryoshka_scales == m3.config.matryoshka_scales
+    m3_state = m3.state_dict()
+    assert all(torch.equal(value, m3_state[name]) for name, value in comm.state_dict().items())
+    image = Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype("uint8"))
+    prompt = "USER: What is here? <image> ASSISTANT:"
+    inputs = comm_processor(images=image, text=prompt, return_tensors="pt")
+    assert torch.equal(inputs["input_ids"], m3_processor(images=image, text=prompt, return_tensors="pt")["input_ids"])
+    with torch.no_grad():
+        torch.testing.assert_close(m3.eval()(**inputs).logits, comm.eval()(**inputs).logits, rtol=0, atol=0)
+
+
+def test_main_job_refuses_m3_without_the_comm_it_starts_from(tmp_path):
+    from comm_vlm.main_job import MainJobConfig, run_main_job
+
+    with pytest.raises(ValueError, match="matryoshka_llava starts from the trained comm model"):
+        run_main_job(tmp_path, MainJobConfig(families=("matryoshka_llava", "comm")))
+    with pytest.raises(ValueError, match="Unknown families"):
+        run_main_job(tmp_path, MainJobConfig(families=("llava",)))
+    assert not any(tmp_path.iterdir())  # refused before anything is written

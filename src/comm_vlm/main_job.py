@@ -2,13 +2,15 @@
 
 First, one tiny CLIP and one tiny DINOv2 are warmed up on the synthetic scenes (a stand-in for pretrained
 CLIP/DINOv2, which cannot be downloaded here: `comm_vlm.training.encoder_warmup`); every family starts from these
-same encoders, frozen as the papers do. Then for each family (COMM: CLIP + DINOv2 with LLN-Layerscale;
-Matryoshka-LLaVA; the adaptive combiner):
+same encoders, frozen as the papers do. Then for each family (COMM: CLIP + DINOv2 with LLN-Layerscale; the adaptive
+combiner on CLIP; Matryoshka-LLaVA, which as in the M3 paper fine-tunes a trained LMM: here the trained COMM):
 
-1. build a tiny random model and processor (`comm_vlm.tiny`) and load the shared encoders;
-2. train both stages with the real training package (`run_recipe`: TRL SFTTrainer, the stage table, a `datasets`
+1. build a tiny random model and processor (`comm_vlm.tiny`) and load the shared encoders, or for M3 derive the model
+   from the trained COMM checkpoint (`derive_family_model`);
+2. train its stages with the real training package (`run_recipe`: TRL SFTTrainer, the stage table, a `datasets`
    mixture, atomic saves): stage 1 on the one-word-answer tasks (POPE, VQA), where a tiny random LLM first learns to
-   read the visual tokens, stage 2 on every task with those rows and the REC rows mixed in again;
+   read the visual tokens, stage 2 on every task with those rows and the REC rows mixed in again (M3: its one
+   all-scale fine-tuning stage on stage 2's data);
 3. reload the final model with `from_pretrained`, evaluate it on the held-out synthetic split with the papers' metrics
    (REC acc@0.5, REG/caption CIDEr, POPE, VQA), M3 at every scale with the oracle analysis and a plot;
 4. answer one grounding prompt through `pipeline("image-text-to-text")`.
@@ -24,7 +26,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
+import torch
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, pipeline
 from transformers.utils import logging
 
 from .evaluation.runners import evaluate, evaluate_matryoshka
@@ -38,13 +41,16 @@ from .training.recipes import run_recipe
 
 logger = logging.get_logger(__name__)
 
-# Per family: vision-branch layout, the two training stages (comm_vlm.training.STAGES) and config fields.
+# Per family: vision-branch layout, its training stages (comm_vlm.training.STAGES), config fields, and optionally the
+# family whose trained checkpoint it starts from (`init_from`) and the modules that start random then (`new_modules`).
 FAMILIES: dict[str, dict[str, Any]] = {
     "comm": {"layout": "comm", "stages": ("comm_pretrain", "comm_instruct"), "overrides": {}},
-    # The tiny LLM is random, so M3's stage 1 trains projector + LLM (LLaVA's stage 2); stage 2 is M3's fine-tuning.
-    "matryoshka_llava": {"layout": "llava", "stages": ("llava_instruct", "m3_finetune"), "overrides": {}},
+    # M3 as in the paper: its Matryoshka fine-tuning starts from a trained LMM (LLaVA-1.5 there; the trained COMM here,
+    # the LMM this job has), so it needs one stage of its own.
+    "matryoshka_llava": {"layout": "comm", "init_from": "comm", "stages": ("m3_finetune",), "overrides": {}},
     "adaptive_combiner": {
         "layout": "llava",
+        "new_modules": ("model.combiner.",),
         "stages": ("combiner", "combiner"),
         "overrides": {"combiner_num_latents": 16, "combiner_iterations": 2, "combiner_gate_init": 0.5},
     },
@@ -62,9 +68,9 @@ class MainJobConfig:
     # Per-family steps where they differ from `stage_steps`, within the 15-minute budget. COMM gets most of it: its
     # tiny random LLM learns to bind a referring phrase to its object only after about 1500 REC-weighted steps
     # (`benchmarks/rec_binding.py`), and REC stays at chance before that. M3's all-scale steps cost about 2.5x a
-    # single-scale step.
-    family_stage_steps: dict[str, tuple[int, int]] = field(
-        default_factory=lambda: {"comm": (500, 2600), "matryoshka_llava": (400, 250), "adaptive_combiner": (250, 200)}
+    # single-scale step; M3 fine-tunes the trained COMM.
+    family_stage_steps: dict[str, tuple[int, ...]] = field(
+        default_factory=lambda: {"comm": (500, 2600), "matryoshka_llava": (300,), "adaptive_combiner": (250, 200)}
     )
     batch_size: int = 16
     learning_rate: float = 1e-3
@@ -129,6 +135,40 @@ def build_family_model(family: str, config: MainJobConfig, path: str | Path, **o
     )
 
 
+def derive_family_model(
+    family: str, config: MainJobConfig, source_dir: str | Path, path: str | Path, **overrides: Any
+):
+    """`family`'s model initialised from the trained checkpoint in `source_dir`, saved with its processor to `path`.
+
+    The vision branch, projector and LLM keep the source's weights (the M3 paper fine-tunes trained LLaVA-1.5 weights
+    this way); only the family's own modules (e.g. the combiner) start random, seeded by `config.seed`. Raises
+    `ValueError` if any source weight is left out or any other weight is missing.
+    """
+    from .tiny import _family, family_processor
+
+    config_class, model_class, _ = _family(family)
+    fields = AutoConfig.from_pretrained(source_dir).to_dict()
+    for key in ("model_type", "transformers_version", "architectures", "auto_map"):
+        fields.pop(key, None)
+    model_config = config_class(**{**fields, **FAMILIES[family]["overrides"], **overrides})
+    torch.manual_seed(config.seed)
+    model, info = model_class.from_pretrained(source_dir, config=model_config, output_loading_info=True)
+    own = FAMILIES[family].get("new_modules", ())
+    stray = sorted(set(info["unexpected_keys"]) | {k for k in info["missing_keys"] if not k.startswith(own)})
+    if stray or info["mismatched_keys"]:
+        raise ValueError(
+            f"Cannot initialise {family} from {source_dir}: weights that do not carry over: "
+            f"{stray[:5] + sorted(info['mismatched_keys'])[:5]}. Use a checkpoint with the same vision branch and LLM."
+        )
+    source = AutoProcessor.from_pretrained(source_dir)
+    processor = family_processor(
+        family, model_config, source.image_processor, source.tokenizer, chat_template=source.chat_template
+    )
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return model, processor
+
+
 TASK_GROUPS: dict[str, tuple[str, ...]] = {
     "all": ("rec", "reg", "pope", "vqa", "caption"),
     "short": ("pope", "vqa"),  # one-word answers
@@ -161,7 +201,7 @@ def family_recipe(family: str, config: MainJobConfig, init_dir: str | Path, data
 
     Stage 1 aligns on the one-word-answer tasks (POPE, VQA): a tiny LLM learns to read the visual tokens there first.
     Stage 2 instruction-tunes on every task, with the short-answer rows mixed back in (`short_answer_weight`) and the
-    REC rows mixed in again (`rec_weight`).
+    REC rows mixed in again (`rec_weight`). A one-stage family (M3, from a trained model) trains on stage 2's data.
     """
     args = {
         "learning_rate": config.learning_rate,
@@ -178,7 +218,8 @@ def family_recipe(family: str, config: MainJobConfig, init_dir: str | Path, data
     rows = {g: {"path": str(data_paths[g]), "format": "messages"} for g in ("all", "short", "rec")}
     weights = {"all": 1.0, "short": config.short_answer_weight, "rec": config.rec_weight}
     mixture = [{**rows[g], "weight": w} for g, w in weights.items() if w > 0]
-    datasets = [rows["short"], {"mixture": mixture} if len(mixture) > 1 else rows["all"]]
+    everything = {"mixture": mixture} if len(mixture) > 1 else rows["all"]
+    datasets = [rows["short"], everything] if len(FAMILIES[family]["stages"]) > 1 else [everything]
     return {
         "model": {"pretrained": str(init_dir)},
         "stages": [
@@ -242,6 +283,15 @@ def pretrain_encoders(config: MainJobConfig, output_dir: str | Path) -> tuple[di
 def run_main_job(output_dir: str | Path, config: MainJobConfig | None = None) -> dict:
     """Runs the whole job; returns (and writes to `<output_dir>/results.json`) everything it measured."""
     config = config or MainJobConfig()
+    unknown = sorted(set(config.families) - set(FAMILIES))
+    if unknown:
+        raise ValueError(f"Unknown families {unknown}; the main job trains {list(FAMILIES)}.")
+    for k, family in enumerate(config.families):
+        source = FAMILIES[family].get("init_from")
+        if source and source not in config.families[:k]:
+            raise ValueError(
+                f"{family} starts from the trained {source} model: put {source!r} before {family!r} in `families`."
+            )
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -251,10 +301,14 @@ def run_main_job(output_dir: str | Path, config: MainJobConfig | None = None) ->
     for family in config.families:
         family_start = time.perf_counter()
         family_dir = output_dir / family
-        model, processor = build_family_model(family, config, family_dir / "init")
-        for tower, prefix in zip(model.model.vision_towers, model.config.encoder_prefixes):
-            tower.load_state_dict(encoders[prefix])
-        model.save_pretrained(family_dir / "init")
+        source = FAMILIES[family].get("init_from")
+        if source:
+            derive_family_model(family, config, results["models"][source]["final_dir"], family_dir / "init")
+        else:
+            model, processor = build_family_model(family, config, family_dir / "init")
+            for tower, prefix in zip(model.model.vision_towers, model.config.encoder_prefixes):
+                tower.load_state_dict(encoders[prefix])
+            model.save_pretrained(family_dir / "init")
         stages = run_recipe(family_recipe(family, config, family_dir / "init", data_paths), family_dir)
         final_dir = stages[-1].output_dir
         model = AutoModelForImageTextToText.from_pretrained(final_dir).eval()

@@ -226,6 +226,25 @@ def tiny_image_processor(image_size: int = 28):
     return processor_class(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
 
 
+def family_processor(family: str, config: Any, image_processor: Any, tokenizer: Any, chat_template: str | None = None):
+    """The processor of `family` for a model `config`: its visual tokens per image (the combiner's latents, else the
+    grid) and, for M3, its scales. `chat_template` defaults to the tiny models' template."""
+    processor_class = _family(family)[2]
+    kwargs = {}
+    if family == "matryoshka_llava":
+        kwargs = {
+            "matryoshka_scales": config.matryoshka_scales,
+            "matryoshka_default_scale": config.matryoshka_default_scale,
+        }
+    return processor_class(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        num_image_tokens=getattr(config, "combiner_num_latents", config.image_seq_length),
+        chat_template=chat_template or CHAT_TEMPLATE,
+        **kwargs,
+    )
+
+
 def build_tiny_checkpoint(
     path: str | os.PathLike,
     layout: str = "comm",
@@ -246,20 +265,10 @@ def build_tiny_checkpoint(
 
     torch.manual_seed(seed)
     config = tiny_comm_config(layout, vocab_size=vocab_size, family=family, **overrides)
-    _, model_class, processor_class = _family(family)
+    model_class = _family(family)[1]
     model = model_class(config).eval()
-    processor_kwargs = {}
-    if family == "matryoshka_llava":
-        processor_kwargs = {
-            "matryoshka_scales": config.matryoshka_scales,
-            "matryoshka_default_scale": config.matryoshka_default_scale,
-        }
-    processor = processor_class(
-        image_processor=tiny_image_processor(config.vision_config.image_size),
-        tokenizer=build_tiny_tokenizer(vocab_size),
-        num_image_tokens=getattr(config, "combiner_num_latents", config.image_seq_length),
-        chat_template=CHAT_TEMPLATE,
-        **processor_kwargs,
+    processor = family_processor(
+        family, config, tiny_image_processor(config.vision_config.image_size), build_tiny_tokenizer(vocab_size)
     )
     model.save_pretrained(path)
     processor.save_pretrained(path)
