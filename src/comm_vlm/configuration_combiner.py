@@ -106,20 +106,6 @@ class AdaptiveCombinerConfig(CommConfig):
         """Attention heads of the combiner: `combiner_num_heads`, or the LLM's when it is `None`."""
         return self.combiner_num_heads or self.text_config.num_attention_heads
 
-    @classmethod
-    def from_comm_config(cls, comm_config: CommConfig, **combiner_kwargs) -> "AdaptiveCombinerConfig":
-        """Puts the combiner on any COMM vision branch (e.g. `CommConfig()`: CLIP + DINOv2 with LLN-Layerscale).
-
-        Args:
-            comm_config (`CommConfig`): the vision branch and LLM to keep.
-            combiner_kwargs: `combiner_*` (or any other) fields overriding the branch's.
-        """
-        fields = comm_config.to_dict()
-        for key in ("model_type", "transformers_version", "architectures"):
-            fields.pop(key, None)
-        fields.update(combiner_kwargs)
-        return cls(**fields)
-
     def _validate_combiner(self) -> None:
         for name in ("combiner_num_latents", "combiner_iterations", "combiner_num_layers", "combiner_mlp_ratio"):
             _check_positive_int(name, getattr(self, name))

@@ -165,6 +165,22 @@ class CommConfig(PretrainedConfig):
             self.tie_word_embeddings = self.text_config.tie_word_embeddings
         self._validate_branches()
 
+    @classmethod
+    def from_comm_config(cls, comm_config: "CommConfig", **kwargs):
+        """This config class on the vision branch and LLM of any COMM-family config: e.g.
+        `AdaptiveCombinerConfig.from_comm_config(CommConfig())` puts the combiner on CLIP + DINOv2 with LLN-Layerscale,
+        `MatryoshkaLlavaConfig.from_comm_config(trained.config)` makes M3 of a trained COMM.
+
+        Args:
+            comm_config (`CommConfig`): the vision branch and LLM to keep.
+            kwargs: fields overriding the branch's (e.g. `combiner_*`, `matryoshka_*`).
+        """
+        fields = comm_config.to_dict()
+        for key in ("model_type", "transformers_version", "architectures", "auto_map"):
+            fields.pop(key, None)
+        fields.update(kwargs)
+        return cls(**fields)
+
     @property
     def encoder_prefixes(self) -> list[str]:
         """Field prefixes of the configured encoders: `["vision"]` or `["vision", "secondary_vision"]`."""

@@ -147,10 +147,8 @@ def derive_family_model(
     from .tiny import _family, family_processor
 
     config_class, model_class, _ = _family(family)
-    fields = AutoConfig.from_pretrained(source_dir).to_dict()
-    for key in ("model_type", "transformers_version", "architectures", "auto_map"):
-        fields.pop(key, None)
-    model_config = config_class(**{**fields, **FAMILIES[family]["overrides"], **overrides})
+    overrides = {**FAMILIES[family]["overrides"], **overrides}
+    model_config = config_class.from_comm_config(AutoConfig.from_pretrained(source_dir), **overrides)
     torch.manual_seed(config.seed)
     model, info = model_class.from_pretrained(source_dir, config=model_config, output_loading_info=True)
     own = FAMILIES[family].get("new_modules", ())
