@@ -76,14 +76,34 @@ def test_attention_over_no_keys_is_zero():
     assert torch.isfinite(out).all() and torch.equal(out[1], torch.zeros(3, D)) and out[0].abs().sum() > 0
 
 
-def test_latent_resampler_is_w2_attn_of_learned_latents():
-    resampler = randomize(LatentResampler(D, N, HEADS))
+@pytest.mark.parametrize("residual", [False, True])
+def test_latent_resampler_is_w2_attn_of_learned_latents(residual):
+    """Eq. 2, `W2 Phi(X_N, X)`; with `residual=True`, `X_N + W2 Phi(X_N, X)` (DETR's and Perceiver's latents)."""
+    resampler = randomize(LatentResampler(D, N, HEADS, residual=residual))
     tokens, mask = torch.randn(2, 11, D), torch.rand(2, 11) > 0.3
     mask[:, 0] = True
-    expected = resampler.out_proj(
-        reference_attention(resampler.attn, resampler.latents.expand(2, -1, -1), tokens, mask)
-    )
+    latents = resampler.latents.expand(2, -1, -1)
+    expected = resampler.out_proj(reference_attention(resampler.attn, latents, tokens, mask))
+    if residual:
+        expected = latents + expected
     torch.testing.assert_close(resampler(tokens, mask), expected)
+
+
+def test_residual_latents_are_distinct_where_eq2_latents_are_copies_of_the_mean():
+    """With uniform attention (zero query/key projections), eq. 2 gives N copies of W2 V(mean token); the residual
+    form keeps each latent's own query."""
+    tokens = torch.randn(1, 11, D)
+    for residual in (False, True):
+        resampler = randomize(LatentResampler(D, N, HEADS, residual=residual))
+        with torch.no_grad():
+            resampler.attn.q_proj.weight.zero_()
+            resampler.attn.q_proj.bias.zero_()
+        out = resampler(tokens)[0]  # (N, D)
+        mean = resampler.out_proj(resampler.attn.o_proj(resampler.attn.v_proj(tokens.mean(1))))[0]  # (D,)
+        if residual:
+            torch.testing.assert_close(out, resampler.latents + mean)
+        else:
+            torch.testing.assert_close(out, mean.expand(N, -1))
 
 
 @pytest.mark.parametrize("num_tokens,grid", [(64, (8, 8)), (32, (4, 8)), (16, (4, 4)), (6, (2, 3)), (7, (1, 7))])
@@ -155,8 +175,12 @@ def build(**overrides):
 
 def unrolled(combiner, image, text, mask):
     """The iteration written out: f, t0 once; F_i = T(F(t_{i-1}, f)); t_i = F_i + t_{i-1}."""
-    f = combiner.image_resampler(combiner.image_in_proj(image))
-    t0 = combiner.text_resampler(combiner.text_in_proj(text), mask)
+    image, text = combiner.image_in_proj(image), combiner.text_in_proj(text)
+    if combiner.input_norm:  # LN(P(X_im)), LN(X_text) before resampling
+        image = F.layer_norm(image, (D,), combiner.image_norm.weight, combiner.image_norm.bias, 1e-5)
+        text = F.layer_norm(text, (D,), combiner.text_norm.weight, combiner.text_norm.bias, 1e-5)
+    f = combiner.image_resampler(image)
+    t0 = combiner.text_resampler(text, mask)
     t, outputs = t0, []
     for i in range(combiner.iterations):
         step = combiner.steps[0 if combiner.share_weights else i]
@@ -168,10 +192,12 @@ def unrolled(combiner, image, text, mask):
     return t0, outputs, t
 
 
+@pytest.mark.parametrize("input_norm", [True, False])
 @pytest.mark.parametrize("share_weights", [True, False])
 @pytest.mark.parametrize("combination", ["weighted", "residual", "none"])
-def test_forward_is_the_unrolled_iteration_and_its_combination(combination, share_weights):
-    combiner = build(combination=combination, share_weights=share_weights)
+def test_forward_is_the_unrolled_iteration_and_its_combination(combination, share_weights, input_norm):
+    combiner = build(combination=combination, share_weights=share_weights, input_norm=input_norm)
+    assert isinstance(combiner.image_norm, torch.nn.LayerNorm) == input_norm
     assert len(combiner.steps) == (1 if share_weights else 3)
     image, text = torch.randn(2, 16, D), torch.randn(2, 7, D)
     mask = torch.ones(2, 7, dtype=torch.bool)

@@ -12,6 +12,8 @@ prompt's text embeddings, all of width D:
     out  = combine(F_1..F_T)                           # weighted / residual / none
 
 f_N is computed once; only t is iterated (the paper: the initial token reduction is not repeated per iteration).
+By default the resamplers follow Perceiver's and DETR's conventions, which eq. 2 leaves out: a LayerNorm on each
+modality's input tokens, and latents kept residually (`X_N + W2 Attn(X_N, X)`). Both can be turned off.
 Everything here is `(batch, tokens, D)`; "batch" is one entry per image (each image is fused with its own prompt).
 """
 
@@ -85,10 +87,16 @@ class CombinerMLP(nn.Module):
 
 
 class LatentResampler(nn.Module):
-    """N learned latent queries X_N (DETR-style) attend to one modality's tokens: `W2 Attn(X_N, X)` (eq. 2)."""
+    """N learned latent queries X_N (DETR-style) attend to one modality's tokens: `W2 Attn(X_N, X)` (eq. 2).
 
-    def __init__(self, hidden_size: int, num_latents: int, num_heads: int):
+    With `residual=True` the queries are kept: `X_N + W2 Attn(X_N, X)`, as DETR's and Perceiver's latents are. At init
+    the attention is near-uniform, so eq. 2 alone gives N near-copies of the mean token; the residual keeps the N
+    latents distinct from the first step.
+    """
+
+    def __init__(self, hidden_size: int, num_latents: int, num_heads: int, residual: bool = True):
         super().__init__()
+        self.residual = residual
         self.latents = nn.Parameter(torch.randn(num_latents, hidden_size))  # X_N, (N, D)
         self.attn = CombinerAttention(hidden_size, num_heads)
         self.out_proj = nn.Linear(hidden_size, hidden_size)  # W2
@@ -104,7 +112,8 @@ class LatentResampler(nn.Module):
         """
         # A copy, not an `expand` view: a no-grad view of a parameter trips autograd-based module hooks.
         queries = self.latents.to(tokens.dtype).repeat(tokens.shape[0], 1, 1)  # (B, N, D)
-        return self.out_proj(self.attn(queries, tokens, mask))
+        resampled = self.out_proj(self.attn(queries, tokens, mask))  # (B, N, D)
+        return queries + resampled if self.residual else resampled
 
 
 class SpatialResampler(nn.Module):
@@ -241,6 +250,8 @@ class AdaptiveCombiner(nn.Module):
         resampling (`str`): `"latent"` or `"spatial"` for the image (the text always uses latents).
         combination (`str`): `"weighted"`, `"residual"` or `"none"`.
         share_weights (`bool`): one fusion step for all iterations (True) or one per iteration.
+        input_norm (`bool`): LayerNorm on the image tokens and on the text tokens before resampling.
+        latent_residual (`bool`): latent resamplers return `X_N + W2 Attn(X_N, X)` instead of `W2 Attn(X_N, X)`.
     """
 
     def __init__(
@@ -258,22 +269,27 @@ class AdaptiveCombiner(nn.Module):
         resampling: str = "latent",
         combination: str = "weighted",
         share_weights: bool = True,
+        input_norm: bool = True,
+        latent_residual: bool = True,
     ):
         super().__init__()
         self.iterations = iterations
         self.combination = combination
         self.share_weights = share_weights
+        self.input_norm = input_norm
         same_width = input_size == hidden_size
         self.image_in_proj = nn.Identity() if same_width else nn.Linear(input_size, hidden_size)
         self.text_in_proj = nn.Identity() if same_width else nn.Linear(input_size, hidden_size)
         self.out_proj = nn.Identity() if same_width else nn.Linear(hidden_size, input_size)
+        self.image_norm = nn.LayerNorm(hidden_size, eps=eps) if input_norm else nn.Identity()
+        self.text_norm = nn.LayerNorm(hidden_size, eps=eps) if input_norm else nn.Identity()
         if resampling == "latent":
-            self.image_resampler = LatentResampler(hidden_size, num_latents, num_heads)
+            self.image_resampler = LatentResampler(hidden_size, num_latents, num_heads, latent_residual)
         elif resampling == "spatial":
             self.image_resampler = SpatialResampler(hidden_size, num_latents)
         else:
             raise ValueError(f"Unknown resampling {resampling!r}; use 'latent' or 'spatial'.")
-        self.text_resampler = LatentResampler(hidden_size, num_latents, num_heads)
+        self.text_resampler = LatentResampler(hidden_size, num_latents, num_heads, latent_residual)
         step_args = (hidden_size, num_heads, num_layers, mlp_ratio, hidden_act, eps, gating)
         self.steps = nn.ModuleList(FusionStep(*step_args) for _ in range(1 if share_weights else iterations))
         if combination == "weighted":
@@ -298,8 +314,8 @@ class AdaptiveCombiner(nn.Module):
         Returns:
             `(t_N, f_N)`, both `(B, N, D)`.
         """
-        image_latents = self.image_resampler(self.image_in_proj(image_tokens))  # f_N, (B, N, D)
-        text_latents = self.text_resampler(self.text_in_proj(text_tokens), text_mask)  # t_N, (B, N, D)
+        image_latents = self.image_resampler(self.image_norm(self.image_in_proj(image_tokens)))  # f_N, (B, N, D)
+        text_latents = self.text_resampler(self.text_norm(self.text_in_proj(text_tokens)), text_mask)  # t_N, (B, N, D)
         return text_latents, image_latents
 
     def iterate(self, text_latents: torch.Tensor, image_latents: torch.Tensor) -> list[torch.Tensor]:

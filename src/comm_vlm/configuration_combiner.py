@@ -12,8 +12,10 @@ two encoders with multi-level merging are one call away: `AdaptiveCombinerConfig
 
 Choices where the paper is silent (each one a field): one standard pre-LN transformer layer after the gated block,
 fusion weights shared across iterations, gates initialised at 0 (Flamingo's tanh-gating convention), MLP ratio 4,
-GELU, "weighted" = softmax-normalised learnable weights over the iterations' outputs, "residual" = the final
-residual stream t_N + F_1 + ... + F_T, "spatial" = adaptive average pooling of the visual token grid to N tokens.
+GELU, LayerNorm on the inputs and residual latents (Perceiver's and DETR's conventions; with `combiner_input_norm`
+and `combiner_latent_residual` off, eq. 2 as printed), "weighted" = softmax-normalised learnable weights over the
+iterations' outputs, "residual" = the final residual stream t_N + F_1 + ... + F_T, "spatial" = adaptive average
+pooling of the visual token grid to N tokens.
 """
 
 from transformers import PretrainedConfig
@@ -61,6 +63,14 @@ class AdaptiveCombinerConfig(CommConfig):
             `"residual"`: the residual stream after the last iteration, t_N + F_1 + ... + F_T. `"none"`: F_T.
         combiner_share_weights (`bool`, defaults to `True`): one fusion block reused by every iteration (the paper
             repeats "the same process"); `False` gives each iteration its own weights.
+        combiner_input_norm (`bool`, defaults to `True`): a LayerNorm on the visual tokens and on the text embeddings
+            before they are resampled (Perceiver's pre-norm cross-attention). Without it the text embeddings, whose
+            scale is the LLM's init (0.02-0.09), give near-uniform attention, and every text latent is the mean of
+            the prompt.
+        combiner_latent_residual (`bool`, defaults to `True`): the latent resamplers return `X_N + W2 Attn(X_N, X)`
+            (the query kept, as DETR's and Perceiver's latents are) instead of eq. 2's `W2 Attn(X_N, X)`. Without it
+            the N latents start as N near-copies of one mean token, and the fused tokens are alike for every image.
+            `False` for both fields is eq. 2 as printed.
         combiner_layer_norm_eps (`float`, defaults to 1e-5): epsilon of the combiner's LayerNorms.
     """
 
@@ -85,6 +95,8 @@ class AdaptiveCombinerConfig(CommConfig):
     combiner_resampling: str = "latent"
     combiner_combination: str = "weighted"
     combiner_share_weights: bool = True
+    combiner_input_norm: bool = True
+    combiner_latent_residual: bool = True
     combiner_layer_norm_eps: float = 1e-5
 
     def __post_init__(self, **kwargs):
@@ -124,8 +136,9 @@ class AdaptiveCombinerConfig(CommConfig):
             raise ValueError(
                 f"`combiner_combination`={self.combiner_combination!r} is unknown; allowed: {COMBINATIONS}."
             )
-        if not isinstance(self.combiner_gating, bool):
-            raise ValueError(f"`combiner_gating` must be True or False, got {self.combiner_gating!r}.")
+        for name in ("combiner_gating", "combiner_input_norm", "combiner_latent_residual"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
         if not self.combiner_layer_norm_eps > 0:
             raise ValueError(f"`combiner_layer_norm_eps` must be > 0, got {self.combiner_layer_norm_eps!r}.")
         if (

@@ -42,17 +42,25 @@ from .training.recipes import run_recipe
 logger = logging.get_logger(__name__)
 
 # Per family: vision-branch layout, its training stages (comm_vlm.training.STAGES), config fields, and optionally the
-# family whose trained checkpoint it starts from (`init_from`) and the modules that start random then (`new_modules`).
+# family whose trained checkpoint it starts from (`init_from`) and the modules that start random then (`new_modules`),
+# per-component learning rates as fractions of the job's (`learning_rate_scales`) and stage-2 mixture weights that
+# replace the job's (`mixture_weights`).
 FAMILIES: dict[str, dict[str, Any]] = {
     "comm": {"layout": "comm", "stages": ("comm_pretrain", "comm_instruct"), "overrides": {}},
     # M3 as in the paper: its Matryoshka fine-tuning starts from a trained LMM (LLaVA-1.5 there; the trained COMM here,
     # the LMM this job has), so it needs one stage of its own.
     "matryoshka_llava": {"layout": "comm", "init_from": "comm", "stages": ("m3_finetune",), "overrides": {}},
+    # The combiner trains at a fifth of the job's learning rate (the LLM and projector at the full one): at the full
+    # rate its latents stayed near the text-only priors after 1000 steps. Its stage 2 leaves out the extra REC
+    # weight: 16 fused tokens do not carry a box in this budget (M3 with 16 tokens is at chance too), and the REC-heavy
+    # mixture cost it yes/no and attribute accuracy (`benchmarks/main_job/combiner_study.md`).
     "adaptive_combiner": {
         "layout": "llava",
         "new_modules": ("model.combiner.",),
         "stages": ("combiner", "combiner"),
         "overrides": {"combiner_num_latents": 16, "combiner_iterations": 2, "combiner_gate_init": 0.5},
+        "learning_rate_scales": {"combiner": 0.2},
+        "mixture_weights": {"rec": 0.0},
     },
 }
 
@@ -70,7 +78,7 @@ class MainJobConfig:
     # (`benchmarks/rec_binding.py`), and REC stays at chance before that. M3's all-scale steps cost about 2.5x a
     # single-scale step; M3 fine-tunes the trained COMM.
     family_stage_steps: dict[str, tuple[int, ...]] = field(
-        default_factory=lambda: {"comm": (500, 2600), "matryoshka_llava": (300,), "adaptive_combiner": (250, 200)}
+        default_factory=lambda: {"comm": (500, 2600), "matryoshka_llava": (300,), "adaptive_combiner": (1000, 300)}
     )
     batch_size: int = 16
     learning_rate: float = 1e-3
@@ -200,6 +208,8 @@ def family_recipe(family: str, config: MainJobConfig, init_dir: str | Path, data
     Stage 1 aligns on the one-word-answer tasks (POPE, VQA): a tiny LLM learns to read the visual tokens there first.
     Stage 2 instruction-tunes on every task, with the short-answer rows mixed back in (`short_answer_weight`) and the
     REC rows mixed in again (`rec_weight`). A one-stage family (M3, from a trained model) trains on stage 2's data.
+    A family's `mixture_weights` replace these weights, and its `learning_rate_scales` set per-component learning
+    rates as fractions of `config.learning_rate`.
     """
     args = {
         "learning_rate": config.learning_rate,
@@ -213,17 +223,20 @@ def family_recipe(family: str, config: MainJobConfig, init_dir: str | Path, data
         # block's forward in the backward pass costs about 10% of a step here.
         "activation_checkpointing": False,
     }
+    plan = FAMILIES[family]
     rows = {g: {"path": str(data_paths[g]), "format": "messages"} for g in ("all", "short", "rec")}
     weights = {"all": 1.0, "short": config.short_answer_weight, "rec": config.rec_weight}
+    weights.update(plan.get("mixture_weights", {}))
+    rates = {c: scale * config.learning_rate for c, scale in plan.get("learning_rate_scales", {}).items()}
     mixture = [{**rows[g], "weight": w} for g, w in weights.items() if w > 0]
     everything = {"mixture": mixture} if len(mixture) > 1 else rows["all"]
-    datasets = [rows["short"], everything] if len(FAMILIES[family]["stages"]) > 1 else [everything]
+    datasets = [rows["short"], everything] if len(plan["stages"]) > 1 else [everything]
     return {
         "model": {"pretrained": str(init_dir)},
         "stages": [
-            {"stage": stage, "dataset": dataset, "args": {**args, "max_steps": steps}}
+            {"stage": stage, "dataset": dataset, "args": {**args, "max_steps": steps}, "learning_rates": rates}
             for stage, dataset, steps in zip(
-                FAMILIES[family]["stages"], datasets, config.family_stage_steps.get(family, config.stage_steps)
+                plan["stages"], datasets, config.family_stage_steps.get(family, config.stage_steps)
             )
         ],
     }

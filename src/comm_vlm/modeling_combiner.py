@@ -167,6 +167,8 @@ class AdaptiveCombinerModel(AdaptiveCombinerPreTrainedModel, CommModel):
             resampling=config.combiner_resampling,
             combination=config.combiner_combination,
             share_weights=config.combiner_share_weights,
+            input_norm=config.combiner_input_norm,
+            latent_residual=config.combiner_latent_residual,
         )
         self.post_init()  # initialises the combiner only: the rest is already marked initialised
 

@@ -6,6 +6,7 @@ stages:
   - stage: comm_pretrain            # a key of comm_vlm.training.stages.STAGES
     dataset: {path: data/stage1.json, format: llava, image_folder: data/images}
     args: {learning_rate: 2.0e-5, lr_scheduler_type: cosine, per_device_train_batch_size: 8}  # any SFTConfig field
+    learning_rates: {projector: 1.0e-4}  # optional: per-component learning rates, over the stage's own
     peft: {r: 16, lora_alpha: 32, target_modules: [q_proj, v_proj]}                        # optional LoRA
 ```
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
 from .data import SkipReport, build_dataset
-from .stages import get_stage
+from .stages import Stage, get_stage
 from .trainer import build_trainer, default_sft_config, save_atomically
 
 
@@ -54,11 +55,29 @@ def load_recipe(name_or_path: str, overrides: dict[str, Any] | None = None) -> d
     if not isinstance(recipe, dict) or not recipe.get("stages"):
         raise ValueError(f"Recipe {name_or_path!r} needs a `model` and a non-empty `stages` list.")
     for i, stage in enumerate(recipe["stages"]):
-        get_stage(stage.get("stage", ""))  # validates the name early
+        stage_with_learning_rates(stage)  # validates the stage name and its learning rates early
         if "dataset" not in stage:
             raise ValueError(f"Recipe {name_or_path!r}, stage {i}: missing `dataset`.")
         stage["args"] = {**stage.get("args", {}), **(overrides or {})}
     return recipe
+
+
+def stage_with_learning_rates(spec: dict) -> Stage:
+    """The registered stage of a recipe entry, with the entry's `learning_rates` (component -> lr) over its own."""
+    stage = get_stage(spec.get("stage", ""))
+    rates = spec.get("learning_rates") or {}
+    if not isinstance(rates, dict):
+        raise ValueError(f"Stage {stage.name!r}: `learning_rates` must map components to rates, got {rates!r}.")
+    unknown = sorted(set(rates) - set(stage.trains))
+    if unknown:
+        raise ValueError(
+            f"Stage {stage.name!r}: `learning_rates` names {unknown}, which the stage does not train; it trains "
+            f"{list(stage.trains)}."
+        )
+    for component, rate in rates.items():
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate > 0:
+            raise ValueError(f"Stage {stage.name!r}: the learning rate of {component!r} must be > 0, got {rate!r}.")
+    return replace(stage, learning_rates={**stage.learning_rates, **{k: float(v) for k, v in rates.items()}})
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -138,7 +157,7 @@ def run_recipe(recipe: dict, output_dir: str | os.PathLike, callbacks=None) -> l
         model, processor = _load_model(recipe["model"], run_dir)
     results = []
     for k, spec in enumerate(recipe["stages"]):
-        stage = get_stage(spec["stage"])
+        stage = stage_with_learning_rates(spec)
         stage_dir = run_dir / f"{k}-{stage.name}"
         dataset_spec = dict(spec["dataset"])
         if "tiny" in dataset_spec:
