@@ -274,6 +274,7 @@ def test_defaults():
     )
     assert config.combiner_width == config.text_config.hidden_size and config.num_image_tokens == 64
     assert config.image_seq_length == 576
+    assert config.combiner_input_norm and config.combiner_latent_residual  # Perceiver/DETR conventions on
 
 
 def test_from_comm_config_keeps_the_comm_branch(tmp_path):
@@ -295,6 +296,8 @@ INVALID = [
     (dict(combiner_hidden_size=42), "D=42 is not divisible by its 4 attention heads"),
     (dict(combiner_resampling="spatial", combiner_num_latents=17), "spatial"),
     (dict(combiner_layer_norm_eps=0.0), "combiner_layer_norm_eps"),
+    (dict(combiner_input_norm="yes"), "combiner_input_norm"),
+    (dict(combiner_latent_residual=1), "combiner_latent_residual"),
 ]
 
 

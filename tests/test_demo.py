@@ -122,3 +122,22 @@ def test_main_job_refuses_m3_without_the_comm_it_starts_from(tmp_path):
     with pytest.raises(ValueError, match="Unknown families"):
         run_main_job(tmp_path, MainJobConfig(families=("llava",)))
     assert not any(tmp_path.iterdir())  # refused before anything is written
+
+
+def test_family_recipes_carry_their_learning_rates_and_mixtures(tmp_path):
+    """The combiner trains at `learning_rate_scales` x the job's rate and without the extra REC weight; COMM keeps
+    the job's rate and its REC-weighted stage 2."""
+    from comm_vlm.main_job import MainJobConfig, family_recipe
+
+    config = MainJobConfig(learning_rate=5e-4, rec_weight=3.0)
+    paths = {group: tmp_path / f"train_{group}.jsonl" for group in ("all", "short", "rec")}
+    combiner = family_recipe("adaptive_combiner", config, tmp_path / "init", paths)["stages"]
+    comm = family_recipe("comm", config, tmp_path / "init", paths)["stages"]
+    assert [s["learning_rates"] for s in combiner] == [{"combiner": pytest.approx(1e-4)}] * 2
+    assert [s["learning_rates"] for s in comm] == [{}, {}]
+    assert [s["args"]["max_steps"] for s in combiner] == list(config.family_stage_steps["adaptive_combiner"])
+    assert combiner[0]["dataset"]["path"] == comm[0]["dataset"]["path"] == str(paths["short"])
+    weights = {Path(m["path"]).stem: m["weight"] for m in combiner[1]["dataset"]["mixture"]}
+    assert weights == {"train_all": 1.0, "train_short": config.short_answer_weight}
+    weights = {Path(m["path"]).stem: m["weight"] for m in comm[1]["dataset"]["mixture"]}
+    assert weights == {"train_all": 1.0, "train_short": config.short_answer_weight, "train_rec": 3.0}

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoModelForImageTextToText
+from transformers import AutoModelForImageTextToText, TrainerCallback
 
 from comm_vlm.tiny import build_tiny_checkpoint
 from comm_vlm.training import (
@@ -26,6 +26,7 @@ from comm_vlm.training import (
     validate_samples,
 )
 from comm_vlm.training.data import load_source, sample_problem
+from comm_vlm.training.recipes import stage_with_learning_rates
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +97,50 @@ def test_vision_tower_gets_its_own_learning_rate(tiny_data, tmp_path):
     others = {g["lr"] for g in optimizer.param_groups if not any(id(p) in vision for p in g["params"])}
     assert lrs == {2e-5} and others == {1e-3}
     assert sum(len(g["params"]) for g in optimizer.param_groups) == sum(p.requires_grad for p in model.parameters())
+
+
+def test_recipe_learning_rates_override_the_stage_per_component(tmp_path):
+    """Recipe `learning_rates` reach the optimiser: the named component at its rate, the rest at the run's."""
+    model_dir = tmp_path / "init"
+    build_tiny_checkpoint(model_dir, layout="llava", family="adaptive_combiner", combiner_num_latents=4)
+    spec = {
+        "stage": "combiner",
+        "dataset": {"tiny": 4},
+        "args": {"max_steps": 1, "learning_rate": 1e-3, "save_strategy": "no", "per_device_train_batch_size": 2},
+        "learning_rates": {"combiner": 2e-4},
+    }
+    seen = {}
+
+    class Record(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+            combiner = {id(p) for p in model.model.combiner.parameters()}
+            for group in optimizer.param_groups:
+                for param in group["params"]:
+                    seen.setdefault("combiner" if id(param) in combiner else "rest", set()).add(group["initial_lr"])
+
+    run_recipe({"model": {"pretrained": str(model_dir)}, "stages": [spec]}, tmp_path / "run", callbacks=[Record()])
+    assert seen == {"combiner": {2e-4}, "rest": {1e-3}}
+    assert stage_with_learning_rates(spec).learning_rates == {"combiner": 2e-4}
+    assert STAGES["combiner"].learning_rates == {}  # the registry is untouched
+    m3 = stage_with_learning_rates({"stage": "m3_finetune", "learning_rates": {"projector": 1e-4}})
+    assert m3.learning_rates == {"vision_towers": 2e-5, "projector": 1e-4}  # merged over the stage's own
+
+
+@pytest.mark.parametrize(
+    "rates,message",
+    [
+        ({"vision_towers": 1e-4}, r"names \['vision_towers'\], which the stage does not train"),
+        ({"combiner": 0.0}, "must be > 0"),
+        ({"combiner": "fast"}, "must be > 0"),
+        ([1e-4], "must map components to rates"),
+    ],
+)
+def test_bad_recipe_learning_rates_are_a_clear_error(rates, message, tmp_path):
+    path = tmp_path / "recipe.yaml"
+    stage = {"stage": "combiner", "dataset": {"tiny": 2}, "learning_rates": rates}
+    path.write_text(json.dumps({"model": {"tiny": "llava"}, "stages": [stage]}))
+    with pytest.raises(ValueError, match=message):
+        load_recipe(str(path))
 
 
 def test_activation_checkpointing_with_frozen_encoders(tiny_data, tmp_path):
