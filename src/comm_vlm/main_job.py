@@ -58,7 +58,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "layout": "llava",
         "new_modules": ("model.combiner.",),
         "stages": ("combiner", "combiner"),
-        "overrides": {"combiner_num_latents": 16, "combiner_iterations": 2, "combiner_gate_init": 0.5},
+        "overrides": {"combiner_num_latents": 16, "combiner_iterations": 2, "combiner_gate_init": 1.0},
         "learning_rate_scales": {"combiner": 0.2},
         "mixture_weights": {"rec": 0.0},
     },
@@ -78,7 +78,7 @@ class MainJobConfig:
     # (`benchmarks/rec_binding.py`), and REC stays at chance before that. M3's all-scale steps cost about 2.5x a
     # single-scale step; M3 fine-tunes the trained COMM.
     family_stage_steps: dict[str, tuple[int, ...]] = field(
-        default_factory=lambda: {"comm": (500, 2600), "matryoshka_llava": (300,), "adaptive_combiner": (1000, 300)}
+        default_factory=lambda: {"comm": (500, 2600), "matryoshka_llava": (300,), "adaptive_combiner": (1200, 300)}
     )
     batch_size: int = 16
     learning_rate: float = 1e-3
