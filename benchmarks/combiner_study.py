@@ -12,7 +12,8 @@ alike for every image, and the LLM answers from the text-only priors. This scrip
 - the combiner's own learning rate as a fraction of the LLM's (the stage's `learning_rates`).
 
 For each it reports POPE accuracy, VQA accuracy per question type on the held-out split, and `fused cos`: the mean
-cosine similarity between the fused tokens of different test images (1.0 = the image makes no difference).
+cosine similarity between the fused tokens of 32 test images asked the same question (1.0 = the image makes no
+difference).
 Writes `combiner_study.md` and `combiner_study.png` to `--output-dir`.
 
     PYTHONPATH=src python benchmarks/combiner_study.py            # about 13 minutes on 2 cores
@@ -66,6 +67,18 @@ def fused_similarity(model, processor, rows) -> float:
     return similarity[off_diagonal].mean().item()
 
 
+def one_prompt_per_image(test, limit: int = 32) -> list[dict]:
+    """One POPE row per test scene (up to `limit`), all given the first row's question: only the image differs."""
+    rows: dict[str, dict] = {}
+    for row in test:
+        if row["task"] == "pope" and len(rows) < limit:
+            rows.setdefault(row["scene_id"], dict(row))
+    rows = list(rows.values())
+    for row in rows:
+        row["messages"] = rows[0]["messages"]
+    return rows
+
+
 def run_variant(name: str, config: MainJobConfig, steps: int, data_paths, encoders, test, work_dir: Path) -> dict:
     """Builds the main job's combiner with the variant's fields, trains stage 1 for `steps` steps, evaluates."""
     fields, lr_scale = VARIANTS[name]
@@ -95,11 +108,10 @@ def run_variant(name: str, config: MainJobConfig, steps: int, data_paths, encode
     model = AutoModelForImageTextToText.from_pretrained(final_dir).eval()
     processor = AutoProcessor.from_pretrained(final_dir)
     tasks = evaluate(model, processor, test, batch_size=config.eval_batch_size).to_dict(with_predictions=False)
-    pope_rows = [row for row in test if row["task"] == "pope"][:32]
     return {
         "pope": tasks["tasks"]["pope"]["metrics"]["accuracy"],
         **tasks["tasks"]["vqa"]["metrics"]["per_question_type"],
-        "fused_cos": fused_similarity(model, processor, pope_rows),
+        "fused_cos": fused_similarity(model, processor, one_prompt_per_image(test)),
     }
 
 

@@ -22,14 +22,9 @@ def bench():
 
 def test_fused_similarity_is_one_exactly_when_the_image_makes_no_difference(bench, tmp_path):
     model, processor = build_family_model("adaptive_combiner", MainJobConfig.quick(), tmp_path)
-    rows = {}
-    for row in make_synthetic_splits(2, 4, seed=0)["test"]:
-        if row["task"] == "pope":
-            rows.setdefault(row["scene_id"], row)  # one question per scene: four different images
-    rows = list(rows.values())
-    assert len(rows) == 4
-    for row in rows:
-        row["messages"] = rows[0]["messages"]  # and one prompt
+    rows = bench.one_prompt_per_image(make_synthetic_splits(2, 4, seed=0)["test"])
+    assert len({row["scene_id"] for row in rows}) == len(rows) == 4  # four images
+    assert all(row["messages"] == rows[0]["messages"] for row in rows)  # one prompt
     assert bench.fused_similarity(model.eval(), processor, rows) < 1 - 1e-4
     with torch.no_grad():  # closed gates: the fused tokens depend on the text latents only
         model.model.combiner.steps[0].block.attn_gate.fill_(0.0)

@@ -67,7 +67,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
 
 @dataclass
 class MainJobConfig:
-    """Sizes of the main job (defaults: the full run, 11-13 minutes on 2 cores; `quick()`: the CI smoke run)."""
+    """Sizes of the main job (defaults: the full run, 13-14 minutes on 2 cores; `quick()`: the CI smoke run)."""
 
     train_scenes: int = 600
     test_scenes: int = 100
