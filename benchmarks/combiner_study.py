@@ -3,8 +3,9 @@
 The combiner's N fused tokens are indexed by its text latents and get the image only through attention pools (eq. 2,
 then eq. 3's cross-attention). With eq. 2 as printed, `f_N = W2 Attn(X_N, P(X_im))`, the tiny model's attention
 starts near-uniform, so each latent is a near-copy of one mean token; the text latents are worse off, because the
-LLM's text embeddings are small (std = the LLM's init) and give flat attention logits. The fused tokens then come out
-alike for every image, and the LLM answers from the text-only priors. This script trains the main job's combiner
+LLM's text embeddings are small (std = the LLM's init) and give flat attention logits. The model must then learn to
+tell objects apart through two flat attention pools, and in the main job's budget it learns yes/no questions at best,
+not attributes (in stop 12's schedule it stayed at the text-only priors). This script trains the main job's combiner
 (same sizes, data, encoder warm-up and stage-1 recipe: one-word-answer rows, batch 16, LLM lr 1e-3) once per variant:
 
 - `combiner_latent_residual`: `X_N + W2 Attn(X_N, X)` (DETR's and Perceiver's latents) instead of eq. 2;
