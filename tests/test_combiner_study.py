@@ -1,8 +1,6 @@
 """The combiner ablation (`benchmarks/combiner_study.py`): its similarity diagnostic and an end-to-end smoke run."""
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,12 +10,8 @@ from comm_vlm.main_job import MainJobConfig, build_family_model
 
 
 @pytest.fixture(scope="module")
-def bench():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "combiner_study.py"
-    spec = importlib.util.spec_from_file_location("combiner_study", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def bench(load_benchmark):
+    return load_benchmark("combiner_study")
 
 
 def test_fused_similarity_is_one_exactly_when_the_image_makes_no_difference(bench, tmp_path):

@@ -1,8 +1,6 @@
 """The REC binding diagnostic (`benchmarks/rec_binding.py`): its token indexing and an end-to-end smoke run."""
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,12 +10,8 @@ from comm_vlm.main_job import MainJobConfig, build_family_model
 
 
 @pytest.fixture(scope="module")
-def bench():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "rec_binding.py"
-    spec = importlib.util.spec_from_file_location("rec_binding", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def bench(load_benchmark):
+    return load_benchmark("rec_binding")
 
 
 def test_rec_batches_point_at_the_x1_tenths_digit_and_label_only_the_box(bench, tmp_path):
