@@ -38,7 +38,13 @@ from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E40
 
 from comm_vlm.evaluation.runners import evaluate  # noqa: E402
 from comm_vlm.evaluation.tasks import baseline_vqa, pope_object_prior  # noqa: E402
-from comm_vlm.main_job import MainJobConfig, build_family_model, prepare_training_data, pretrain_encoders  # noqa: E402
+from comm_vlm.main_job import (  # noqa: E402
+    MainJobConfig,
+    build_family_model,
+    family_recipe,
+    prepare_training_data,
+    pretrain_encoders,
+)
 from comm_vlm.training.recipes import run_recipe  # noqa: E402
 
 
@@ -84,27 +90,10 @@ def run_variant(name: str, config: MainJobConfig, steps: int, data_paths, encode
     """Builds the main job's combiner with the variant's fields, trains stage 1 for `steps` steps, evaluates."""
     fields, lr_scale = VARIANTS[name]
     init_dir = work_dir / "init"
-    model, _ = build_family_model("adaptive_combiner", config, init_dir, **fields)
-    for tower, prefix in zip(model.model.vision_towers, model.config.encoder_prefixes):
-        tower.load_state_dict(encoders[prefix])
-    model.save_pretrained(init_dir)
-    args = {
-        "learning_rate": config.learning_rate,
-        "per_device_train_batch_size": config.batch_size,
-        "lr_scheduler_type": "cosine",
-        "warmup_steps": 0.05,
-        "logging_steps": 50,
-        "save_strategy": "no",
-        "seed": config.seed,
-        "activation_checkpointing": False,
-        "max_steps": steps,
-    }
-    stage = {
-        "stage": "combiner",
-        "dataset": {"path": str(data_paths["short"]), "format": "messages"},
-        "args": args,
-        "learning_rates": {"combiner": lr_scale * config.learning_rate},
-    }
+    build_family_model("adaptive_combiner", config, init_dir, encoders=encoders, **fields)
+    stage = family_recipe("adaptive_combiner", config, init_dir, data_paths)["stages"][0]  # the one-word-answer rows
+    stage["args"]["max_steps"] = steps
+    stage["learning_rates"] = {"combiner": lr_scale * config.learning_rate}
     final_dir = run_recipe({"model": {"pretrained": str(init_dir)}, "stages": [stage]}, work_dir)[-1].output_dir
     model = AutoModelForImageTextToText.from_pretrained(final_dir).eval()
     processor = AutoProcessor.from_pretrained(final_dir)

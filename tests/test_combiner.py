@@ -176,7 +176,7 @@ def build(**overrides):
 def unrolled(combiner, image, text, mask):
     """The iteration written out: f, t0 once; F_i = T(F(t_{i-1}, f)); t_i = F_i + t_{i-1}."""
     image, text = combiner.image_in_proj(image), combiner.text_in_proj(text)
-    if combiner.input_norm:  # LN(P(X_im)), LN(X_text) before resampling
+    if isinstance(combiner.image_norm, torch.nn.LayerNorm):  # LN(P(X_im)), LN(X_text) before resampling
         image = F.layer_norm(image, (D,), combiner.image_norm.weight, combiner.image_norm.bias, 1e-5)
         text = F.layer_norm(text, (D,), combiner.text_norm.weight, combiner.text_norm.bias, 1e-5)
     f = combiner.image_resampler(image)

@@ -276,7 +276,6 @@ class AdaptiveCombiner(nn.Module):
         self.iterations = iterations
         self.combination = combination
         self.share_weights = share_weights
-        self.input_norm = input_norm
         same_width = input_size == hidden_size
         self.image_in_proj = nn.Identity() if same_width else nn.Linear(input_size, hidden_size)
         self.text_in_proj = nn.Identity() if same_width else nn.Linear(input_size, hidden_size)

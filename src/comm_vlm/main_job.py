@@ -114,8 +114,14 @@ class MainJobConfig:
         )
 
 
-def build_family_model(family: str, config: MainJobConfig, path: str | Path, **overrides: Any):
-    """Builds (and saves to `path`) the tiny random model and processor of `family`; `overrides` go to the config."""
+def build_family_model(
+    family: str, config: MainJobConfig, path: str | Path, encoders: dict[str, dict] | None = None, **overrides: Any
+):
+    """Builds (and saves to `path`) the tiny random model and processor of `family`; `overrides` go to the config.
+
+    `encoders` (per encoder prefix, a vision tower's state dict, as `pretrain_encoders` returns them) replace the
+    random towers before the final save.
+    """
     plan = FAMILIES[family]
     vision = {
         "hidden_size": config.vision_width,
@@ -138,9 +144,14 @@ def build_family_model(family: str, config: MainJobConfig, path: str | Path, **o
     }
     if plan["layout"] == "comm" and "secondary_vision_config" not in overrides:
         fields["secondary_vision_config"] = tiny_vision_config("dinov2", **vision)
-    return build_tiny_checkpoint(
+    model, processor = build_tiny_checkpoint(
         path, layout=plan["layout"], family=family, seed=config.seed, vocab_size=config.vocab_size, **fields
     )
+    if encoders is not None:
+        for tower, prefix in zip(model.model.vision_towers, model.config.encoder_prefixes):
+            tower.load_state_dict(encoders[prefix])
+        model.save_pretrained(path)
+    return model, processor
 
 
 def derive_family_model(
@@ -316,10 +327,7 @@ def run_main_job(output_dir: str | Path, config: MainJobConfig | None = None) ->
         if source:
             derive_family_model(family, config, results["models"][source]["final_dir"], family_dir / "init")
         else:
-            model, processor = build_family_model(family, config, family_dir / "init")
-            for tower, prefix in zip(model.model.vision_towers, model.config.encoder_prefixes):
-                tower.load_state_dict(encoders[prefix])
-            model.save_pretrained(family_dir / "init")
+            build_family_model(family, config, family_dir / "init", encoders=encoders)
         stages = run_recipe(family_recipe(family, config, family_dir / "init", data_paths), family_dir)
         final_dir = stages[-1].output_dir
         model = AutoModelForImageTextToText.from_pretrained(final_dir).eval()
