@@ -49,13 +49,16 @@ from comm_vlm.training.recipes import run_recipe  # noqa: E402
 
 
 # name -> (combiner config fields, combiner learning rate as a fraction of the LLM's)
+# Every variant leaves out the image position codes (`combiner_image_positions`): this study predates them, and what
+# they change is REC (`benchmarks/combiner_rec.py`), which this stage-1 study does not train.
+EQ2 = {"combiner_input_norm": False, "combiner_latent_residual": False, "combiner_image_positions": False}
 VARIANTS: dict[str, tuple[dict, float]] = {
-    "eq. 2 as printed": ({"combiner_input_norm": False, "combiner_latent_residual": False}, 1.0),
-    "eq. 2 as printed, combiner lr 0.2x": ({"combiner_input_norm": False, "combiner_latent_residual": False}, 0.2),
-    "residual latents": ({"combiner_input_norm": False}, 1.0),
-    "residual latents, combiner lr 0.2x": ({"combiner_input_norm": False}, 0.2),
-    "input norm + residual latents": ({}, 1.0),
-    "input norm + residual latents, combiner lr 0.2x (main job)": ({}, 0.2),
+    "eq. 2 as printed": (EQ2, 1.0),
+    "eq. 2 as printed, combiner lr 0.2x": (EQ2, 0.2),
+    "residual latents": ({**EQ2, "combiner_latent_residual": True}, 1.0),
+    "residual latents, combiner lr 0.2x": ({**EQ2, "combiner_latent_residual": True}, 0.2),
+    "input norm + residual latents": ({"combiner_image_positions": False}, 1.0),
+    "input norm + residual latents, combiner lr 0.2x": ({"combiner_image_positions": False}, 0.2),
 }
 
 

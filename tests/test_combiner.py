@@ -14,6 +14,7 @@ from comm_vlm.combiner import (
     LatentResampler,
     SpatialResampler,
     pool_height,
+    sincos_positions,
 )
 from comm_vlm.tiny import tiny_comm_config
 
@@ -179,6 +180,8 @@ def unrolled(combiner, image, text, mask):
     if isinstance(combiner.image_norm, torch.nn.LayerNorm):  # LN(P(X_im)), LN(X_text) before resampling
         image = F.layer_norm(image, (D,), combiner.image_norm.weight, combiner.image_norm.bias, 1e-5)
         text = F.layer_norm(text, (D,), combiner.text_norm.weight, combiner.text_norm.bias, 1e-5)
+    if combiner.image_positions:
+        image = image + sincos_positions(image.shape[1], D)
     f = combiner.image_resampler(image)
     t0 = combiner.text_resampler(text, mask)
     t, outputs = t0, []
@@ -192,11 +195,15 @@ def unrolled(combiner, image, text, mask):
     return t0, outputs, t
 
 
-@pytest.mark.parametrize("input_norm", [True, False])
+@pytest.mark.parametrize("input_norm,image_positions", [(True, True), (False, True), (True, False)])
 @pytest.mark.parametrize("share_weights", [True, False])
 @pytest.mark.parametrize("combination", ["weighted", "residual", "none"])
-def test_forward_is_the_unrolled_iteration_and_its_combination(combination, share_weights, input_norm):
-    combiner = build(combination=combination, share_weights=share_weights, input_norm=input_norm)
+def test_forward_is_the_unrolled_iteration_and_its_combination(
+    combination, share_weights, input_norm, image_positions
+):
+    combiner = build(
+        combination=combination, share_weights=share_weights, input_norm=input_norm, image_positions=image_positions
+    )
     assert isinstance(combiner.image_norm, torch.nn.LayerNorm) == input_norm
     assert len(combiner.steps) == (1 if share_weights else 3)
     image, text = torch.randn(2, 16, D), torch.randn(2, 7, D)
@@ -213,6 +220,38 @@ def test_forward_is_the_unrolled_iteration_and_its_combination(combination, shar
     else:
         expected = outputs[-1]
     torch.testing.assert_close(combiner(image, text, mask), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_sincos_positions_follow_the_2d_formula():
+    """Square counts: row codes then column codes, each [sin(p w_k), cos(p w_k)], w_k = 10000^(-4k / D)."""
+    codes = sincos_positions(16, 8)  # a 4 x 4 grid, D = 8: 2 frequencies per axis
+    for index in range(16):
+        row, col = divmod(index, 4)
+        expected = []
+        for p in (row, col):
+            angles = [p * 10000.0 ** (-2 * k / 4) for k in range(2)]
+            expected += [math.sin(a) for a in angles] + [math.cos(a) for a in angles]
+        torch.testing.assert_close(codes[index], torch.tensor(expected))
+    assert len({tuple(c.tolist()) for c in codes}) == 16  # every patch has its own code
+    sequence = sincos_positions(5, 8)  # not a square: 1D positions, 4 frequencies
+    torch.testing.assert_close(
+        sequence[3, :4], torch.tensor([math.sin(3 * 10000.0 ** (-2 * k / 8)) for k in range(4)])
+    )
+
+
+def test_image_positions_make_the_fusion_see_where_tokens_are():
+    """Latent attention is blind to the order of the visual tokens; with position codes it is not."""
+    image, text = torch.randn(2, 16, D), torch.randn(2, 5, D)
+    shuffled = image[:, torch.randperm(16)]
+    blind = build(image_positions=False)
+    torch.testing.assert_close(blind(shuffled, text), blind(image, text), atol=1e-5, rtol=1e-4)
+    seeing = build(image_positions=True)
+    assert not torch.allclose(seeing(shuffled, text), seeing(image, text), atol=1e-3)
+
+
+def test_image_positions_need_a_width_divisible_by_4():
+    with pytest.raises(ValueError, match="divisible by 4"):
+        AdaptiveCombiner(input_size=6, hidden_size=6, num_latents=2, iterations=1, num_layers=1, num_heads=2)
 
 
 def test_iterations_reuse_f_and_feed_f_plus_t_forward():
@@ -275,6 +314,7 @@ def test_defaults():
     assert config.combiner_width == config.text_config.hidden_size and config.num_image_tokens == 64
     assert config.image_seq_length == 576
     assert config.combiner_input_norm and config.combiner_latent_residual  # Perceiver/DETR conventions on
+    assert config.combiner_image_positions
 
 
 def test_from_comm_config_keeps_the_comm_branch(tmp_path):
@@ -298,6 +338,7 @@ INVALID = [
     (dict(combiner_layer_norm_eps=0.0), "combiner_layer_norm_eps"),
     (dict(combiner_input_norm="yes"), "combiner_input_norm"),
     (dict(combiner_latent_residual=1), "combiner_latent_residual"),
+    (dict(combiner_image_positions=None), "combiner_image_positions"),
 ]
 
 

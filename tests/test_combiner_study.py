@@ -27,7 +27,7 @@ def test_fused_similarity_is_one_exactly_when_the_image_makes_no_difference(benc
 
 
 def test_quick_run_writes_the_table_and_the_plot(bench, tmp_path, monkeypatch):
-    variants = ["eq. 2 as printed", "input norm + residual latents, combiner lr 0.2x (main job)"]
+    variants = ["eq. 2 as printed", "input norm + residual latents, combiner lr 0.2x"]
     monkeypatch.setattr(sys, "argv", ["combiner_study.py", "--quick", "--output-dir", str(tmp_path), "--variants"])
     sys.argv.extend(variants)
     bench.main()

@@ -121,7 +121,35 @@ def test_main_job_refuses_m3_without_the_comm_it_starts_from(tmp_path):
         run_main_job(tmp_path, MainJobConfig(families=("matryoshka_llava", "comm")))
     with pytest.raises(ValueError, match="Unknown families"):
         run_main_job(tmp_path, MainJobConfig(families=("llava",)))
+    with pytest.raises(ValueError, match="Unknown families"):
+        run_main_job(tmp_path, MainJobConfig(family_plans={"combiner": {"mixture_weights": {}}}))
+    with pytest.raises(ValueError, match=r"unknown entries \['mixture'\]"):
+        run_main_job(tmp_path, MainJobConfig(family_plans={"adaptive_combiner": {"mixture": {}}}))
     assert not any(tmp_path.iterdir())  # refused before anything is written
+
+
+def test_cli_demo_rejects_bad_families_before_any_work(tmp_path, capsys):
+    assert main(["demo", "--quick", "--families", "matryoshka_llava", "--output-dir", str(tmp_path / "out")]) == 2
+    assert "put 'comm' before 'matryoshka_llava'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit):  # one size at a time
+        main(["demo", "--quick", "--long"])
+
+
+def test_long_job_gives_the_combiner_the_rec_weighted_stage_2(tmp_path):
+    """`MainJobConfig.long()` changes only the combiner: 2400 stage-2 steps on the job's mixture, REC included."""
+    from comm_vlm.main_job import MainJobConfig, family_recipe
+
+    default, long = MainJobConfig(), MainJobConfig.long()
+    paths = {group: tmp_path / f"train_{group}.jsonl" for group in ("all", "short", "rec")}
+    stages = family_recipe("adaptive_combiner", long, tmp_path / "init", paths)["stages"]
+    assert [s["args"]["max_steps"] for s in stages] == [1200, 2400]
+    weights = {Path(m["path"]).stem: m["weight"] for m in stages[1]["dataset"]["mixture"]}
+    assert weights == {"train_all": 1.0, "train_short": long.short_answer_weight, "train_rec": long.rec_weight}
+    assert [s["learning_rates"] for s in stages] == [{"combiner": pytest.approx(0.2 * long.learning_rate)}] * 2
+    for family in ("comm", "matryoshka_llava"):
+        assert family_recipe(family, long, "init", paths) == family_recipe(family, default, "init", paths)
+    assert default.family_plans == {} and MainJobConfig().family_plans == {}  # `long()` shares nothing with defaults
 
 
 def test_family_recipes_carry_their_learning_rates_and_mixtures(tmp_path):

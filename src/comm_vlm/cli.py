@@ -1,6 +1,6 @@
 """`comm-vlm` command line.
 
-    comm-vlm demo [--output-dir DIR] [--quick]
+    comm-vlm demo [--output-dir DIR] [--quick | --long] [--families NAME ...]
     comm-vlm layer-study [--output-dir DIR] [--quick] [--variants NAME ...] [--encoder-layers L] [--stage-steps N N]
     comm-vlm plumbing [--output-dir DIR] [--layout comm|llava]
     comm-vlm train --recipe NAME_OR_YAML [--output-dir DIR] [key=value ...]
@@ -9,12 +9,13 @@
 
 `demo` is the main job (`comm_vlm.main_job`): tiny COMM, Matryoshka-LLaVA and adaptive-combiner models trained
 through both stages on synthetic scenes, evaluated on the papers' metrics against chance/majority baselines, saved,
-reloaded and served; `--quick` is the CI-sized run. `layer-study` is COMM's layer study (`comm_vlm.layer_study`):
-one frozen tiny CLIP read at each single layer or merged over all layers (MFM), each variant trained with the main
-job's COMM recipe and scored on REC and POPE (table, JSON and plot). `plumbing` builds a tiny random COMM and its
-processor, saves them with `save_pretrained` (safetensors), reloads with the Auto classes, checks the reload is exact,
-and answers a chat prompt about a generated image through `pipeline("image-text-to-text")` (random weights: the
-answer is noise).
+reloaded and served; `--quick` is the CI-sized run, `--long` the run where the combiner also learns REC (about 20
+minutes), `--families` a subset (in order; M3 needs COMM before it). `layer-study` is COMM's layer study
+(`comm_vlm.layer_study`): one frozen tiny CLIP read at each single layer or merged over all layers (MFM), each
+variant trained with the main job's COMM recipe and scored on REC and POPE (table, JSON and plot). `plumbing` builds a
+tiny random COMM and its processor, saves them with `save_pretrained` (safetensors), reloads with the Auto classes,
+checks the reload is exact, and answers a chat prompt about a generated image through `pipeline("image-text-to-text")`
+(random weights: the answer is noise).
 
 `train` runs a YAML recipe's stages in order on TRL's SFTTrainer (see `comm_vlm.training.recipes`); `key=value`
 overrides apply to every stage's SFTConfig (e.g. `max_steps=3 resume=true`). Under `accelerate launch` it runs on
@@ -100,7 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="the main job: train, evaluate, save and serve tiny models of each family")
     demo.add_argument("--output-dir", default="outputs/demo")
-    demo.add_argument("--quick", action="store_true", help="CI-sized run (seconds; numbers are not meaningful)")
+    size = demo.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="CI-sized run (seconds; numbers are not meaningful)")
+    size.add_argument(
+        "--long", action="store_true", help="the combiner also trains 2400 REC-weighted stage-2 steps (~20 minutes)"
+    )
+    demo.add_argument(
+        "--families", nargs="+", help="families to train, in order (default: comm matryoshka_llava adaptive_combiner)"
+    )
     study = sub.add_parser("layer-study", help="COMM's layer study: single CLIP layers vs multi-level merging")
     study.add_argument("--output-dir", default="outputs/layer_study")
     study.add_argument("--quick", action="store_true", help="CI-sized run with 2 variants (numbers not meaningful)")
@@ -154,7 +162,14 @@ def main(argv: list[str] | None = None) -> int:
 def _main_job(args: argparse.Namespace) -> int:
     from .main_job import MainJobConfig, run_main_job
 
-    config = MainJobConfig.quick() if args.quick else MainJobConfig()
+    config = MainJobConfig.quick() if args.quick else MainJobConfig.long() if args.long else MainJobConfig()
+    if args.families:
+        config.families = tuple(args.families)
+    try:
+        config.validate()
+    except ValueError as err:
+        sys.stderr.write(f"comm-vlm demo: {err}\n")
+        return 2
     sys.stdout.write(
         "Offline main job. No pretrained encoders can be downloaded here, so one tiny CLIP and one tiny DINOv2 are\n"
         "first warmed up on the synthetic training scenes (per-patch colour/shape/category labels and boxes), then\n"

@@ -13,7 +13,8 @@ prompt's text embeddings, all of width D:
 
 f_N is computed once; only t is iterated (the paper: the initial token reduction is not repeated per iteration).
 By default the resamplers follow Perceiver's and DETR's conventions, which eq. 2 leaves out: a LayerNorm on each
-modality's input tokens, and latents kept residually (`X_N + W2 Attn(X_N, X)`). Both can be turned off.
+modality's input tokens, fixed sine-cosine position codes added to the visual tokens (latent attention is otherwise
+blind to where a patch is), and latents kept residually (`X_N + W2 Attn(X_N, X)`). Each can be turned off.
 Everything here is `(batch, tokens, D)`; "batch" is one entry per image (each image is fused with its own prompt).
 """
 
@@ -149,6 +150,27 @@ class SpatialResampler(nn.Module):
         return self.out_proj(pooled.transpose(1, 2))  # (B, N, D)
 
 
+def sincos_positions(num_tokens: int, width: int) -> torch.Tensor:
+    """Fixed sine-cosine position codes of the visual tokens, `(num_tokens, width)` (MAE's 2D form).
+
+    A square token count is a row-major `g x g` patch grid: half the channels code the row, half the column, each as
+    sines and cosines at `width / 4` geometric frequencies. Other counts (e.g. a CLS token kept) are coded as a 1D
+    sequence with `width / 2` frequencies. `width` must be divisible by 4.
+    """
+    side = math.isqrt(num_tokens)
+    if side * side == num_tokens:
+        rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+        return torch.cat([_sincos(rows.flatten(), width // 2), _sincos(cols.flatten(), width // 2)], dim=-1)
+    return _sincos(torch.arange(num_tokens), width)
+
+
+def _sincos(positions: torch.Tensor, width: int) -> torch.Tensor:
+    """`(P,)` integer positions -> `(P, width)`: `[sin(p w_k), cos(p w_k)]` with `w_k = 10000^(-2k / width)`."""
+    frequencies = 10000.0 ** (-torch.arange(width // 2, dtype=torch.float64) * 2 / width)  # (width / 2,)
+    angles = positions.to(torch.float64)[:, None] * frequencies[None]  # (P, width / 2)
+    return torch.cat([angles.sin(), angles.cos()], dim=-1).float()  # (P, width)
+
+
 def pool_height(num_tokens: int) -> int:
     """Largest divisor h of `num_tokens` with h * h <= num_tokens (the pooled grid is h x num_tokens // h)."""
     return max(h for h in range(1, math.isqrt(num_tokens) + 1) if num_tokens % h == 0)
@@ -251,6 +273,8 @@ class AdaptiveCombiner(nn.Module):
         combination (`str`): `"weighted"`, `"residual"` or `"none"`.
         share_weights (`bool`): one fusion step for all iterations (True) or one per iteration.
         input_norm (`bool`): LayerNorm on the image tokens and on the text tokens before resampling.
+        image_positions (`bool`): add fixed sine-cosine position codes (`sincos_positions`) to the image tokens before
+            resampling, so that the latents can tell where on the patch grid what they read lies.
         latent_residual (`bool`): latent resamplers return `X_N + W2 Attn(X_N, X)` instead of `W2 Attn(X_N, X)`.
     """
 
@@ -271,8 +295,12 @@ class AdaptiveCombiner(nn.Module):
         share_weights: bool = True,
         input_norm: bool = True,
         latent_residual: bool = True,
+        image_positions: bool = True,
     ):
         super().__init__()
+        if image_positions and hidden_size % 4 != 0:
+            raise ValueError(f"Image position codes need a combiner width divisible by 4, got {hidden_size}.")
+        self.image_positions = image_positions
         self.iterations = iterations
         self.combination = combination
         self.share_weights = share_weights
@@ -313,7 +341,11 @@ class AdaptiveCombiner(nn.Module):
         Returns:
             `(t_N, f_N)`, both `(B, N, D)`.
         """
-        image_latents = self.image_resampler(self.image_norm(self.image_in_proj(image_tokens)))  # f_N, (B, N, D)
+        image_tokens = self.image_norm(self.image_in_proj(image_tokens))  # (B, S_v, D)
+        if self.image_positions:
+            positions = sincos_positions(image_tokens.shape[1], image_tokens.shape[2])  # (S_v, D)
+            image_tokens = image_tokens + positions.to(device=image_tokens.device, dtype=image_tokens.dtype)
+        image_latents = self.image_resampler(image_tokens)  # f_N, (B, N, D)
         text_latents = self.text_resampler(self.text_norm(self.text_in_proj(text_tokens)), text_mask)  # t_N, (B, N, D)
         return text_latents, image_latents
 
@@ -367,4 +399,5 @@ __all__ = [
     "LatentResampler",
     "SpatialResampler",
     "pool_height",
+    "sincos_positions",
 ]

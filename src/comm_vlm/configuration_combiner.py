@@ -12,10 +12,10 @@ two encoders with multi-level merging are one call away: `AdaptiveCombinerConfig
 
 Choices where the paper is silent (each one a field): one standard pre-LN transformer layer after the gated block,
 fusion weights shared across iterations, gates initialised at 0 (Flamingo's tanh-gating convention), MLP ratio 4,
-GELU, LayerNorm on the inputs and residual latents (Perceiver's and DETR's conventions; with `combiner_input_norm`
-and `combiner_latent_residual` off, eq. 2 as printed), "weighted" = softmax-normalised learnable weights over the
-iterations' outputs, "residual" = the final residual stream t_N + F_1 + ... + F_T, "spatial" = adaptive average
-pooling of the visual token grid to N tokens.
+GELU, LayerNorm on the inputs, residual latents and position codes on the visual tokens (Perceiver's and DETR's
+conventions; with `combiner_input_norm`, `combiner_latent_residual` and `combiner_image_positions` off, eq. 2 as
+printed), "weighted" = softmax-normalised learnable weights over the iterations' outputs, "residual" = the final
+residual stream t_N + F_1 + ... + F_T, "spatial" = adaptive average pooling of the visual token grid to N tokens.
 """
 
 from transformers import PretrainedConfig
@@ -71,6 +71,11 @@ class AdaptiveCombinerConfig(CommConfig):
             (the query kept, as DETR's and Perceiver's latents are) instead of eq. 2's `W2 Attn(X_N, X)`. Without it
             the N latents start as N near-copies of one mean token, and the fused tokens are alike for every image.
             `False` for both fields is eq. 2 as printed.
+        combiner_image_positions (`bool`, defaults to `True`): add fixed 2D sine-cosine position codes (MAE's) to the
+            visual tokens before resampling, as DETR and Perceiver add positions to what their latents read. Latent
+            attention is blind to token order, so without them a latent knows where a patch is only from whatever
+            position the encoder left in its features, and the fused tokens (which have no grid) lose the layout
+            that a box needs. `False` is the paper's eq. 2.
         combiner_layer_norm_eps (`float`, defaults to 1e-5): epsilon of the combiner's LayerNorms.
     """
 
@@ -97,6 +102,7 @@ class AdaptiveCombinerConfig(CommConfig):
     combiner_share_weights: bool = True
     combiner_input_norm: bool = True
     combiner_latent_residual: bool = True
+    combiner_image_positions: bool = True
     combiner_layer_norm_eps: float = 1e-5
 
     def __post_init__(self, **kwargs):
@@ -136,7 +142,7 @@ class AdaptiveCombinerConfig(CommConfig):
             raise ValueError(
                 f"`combiner_combination`={self.combiner_combination!r} is unknown; allowed: {COMBINATIONS}."
             )
-        for name in ("combiner_gating", "combiner_input_norm", "combiner_latent_residual"):
+        for name in ("combiner_gating", "combiner_input_norm", "combiner_latent_residual", "combiner_image_positions"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
         if not self.combiner_layer_norm_eps > 0:

@@ -64,6 +64,8 @@ FAMILIES: dict[str, dict[str, Any]] = {
     },
 }
 
+PLAN_KEYS = {"layout", "stages", "overrides", "init_from", "new_modules", "learning_rate_scales", "mixture_weights"}
+
 
 @dataclass
 class MainJobConfig:
@@ -105,6 +107,9 @@ class MainJobConfig:
     families: tuple[str, ...] = tuple(FAMILIES)
     seed: int = 0
     eval_batch_size: int = 32
+    # Per family, entries that replace those of its `FAMILIES` plan (e.g. `{"adaptive_combiner": {"mixture_weights":
+    # {}}}` gives the combiner the job's stage-2 mixture, REC weight included).
+    family_plans: dict[str, dict[str, Any]] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -112,6 +117,40 @@ class MainJobConfig:
         return cls(
             train_scenes=24, test_scenes=6, warmup_steps=3, stage_steps=(2, 3), family_stage_steps={}, batch_size=8
         )
+
+    def validate(self) -> None:
+        """Raises `ValueError` for an unknown family or plan entry, or a family put before the one it starts from."""
+        unknown = sorted((set(self.families) | set(self.family_plans)) - set(FAMILIES))
+        if unknown:
+            raise ValueError(f"Unknown families {unknown}; the main job trains {list(FAMILIES)}.")
+        for family, entries in self.family_plans.items():
+            stray = sorted(set(entries) - PLAN_KEYS)
+            if stray:
+                raise ValueError(
+                    f"`family_plans[{family!r}]` has unknown entries {stray}; allowed: {sorted(PLAN_KEYS)}."
+                )
+        for k, family in enumerate(self.families):
+            source = family_plan(family, self).get("init_from")
+            if source and source not in self.families[:k]:
+                raise ValueError(
+                    f"{family} starts from the trained {source} model: put {source!r} before {family!r} in `families`."
+                )
+
+    @classmethod
+    def long(cls) -> MainJobConfig:
+        """The default job, except that the combiner also learns REC: its stage 2 trains 2400 steps (not 300) on the
+        job's stage-2 mixture, REC weight included. About 8 minutes more than the default (about 20 on 2 cores)."""
+        config = cls()
+        config.family_stage_steps = {**config.family_stage_steps, "adaptive_combiner": (1200, 2400)}
+        config.family_plans = {"adaptive_combiner": {"mixture_weights": {}}}
+        return config
+
+
+def family_plan(family: str, config: MainJobConfig | None = None) -> dict[str, Any]:
+    """`FAMILIES[family]` with the entries of `config.family_plans[family]` replacing its own."""
+    if family not in FAMILIES:
+        raise ValueError(f"Unknown family {family!r}; the main job trains {list(FAMILIES)}.")
+    return {**FAMILIES[family], **(config.family_plans.get(family, {}) if config is not None else {})}
 
 
 def build_family_model(
@@ -122,7 +161,7 @@ def build_family_model(
     `encoders` (per encoder prefix, a vision tower's state dict, as `pretrain_encoders` returns them) replace the
     random towers before the final save.
     """
-    plan = FAMILIES[family]
+    plan = family_plan(family, config)
     vision = {
         "hidden_size": config.vision_width,
         "intermediate_size": 2 * config.vision_width,
@@ -166,11 +205,12 @@ def derive_family_model(
     from .tiny import _family, family_processor
 
     config_class, model_class, _ = _family(family)
-    overrides = {**FAMILIES[family]["overrides"], **overrides}
+    plan = family_plan(family, config)
+    overrides = {**plan["overrides"], **overrides}
     model_config = config_class.from_comm_config(AutoConfig.from_pretrained(source_dir), **overrides)
     torch.manual_seed(config.seed)
     model, info = model_class.from_pretrained(source_dir, config=model_config, output_loading_info=True)
-    own = FAMILIES[family].get("new_modules", ())
+    own = plan.get("new_modules", ())
     stray = sorted(set(info["unexpected_keys"]) | {k for k in info["missing_keys"] if not k.startswith(own)})
     if stray or info["mismatched_keys"]:
         raise ValueError(
@@ -234,7 +274,7 @@ def family_recipe(family: str, config: MainJobConfig, init_dir: str | Path, data
         # block's forward in the backward pass costs about 10% of a step here.
         "activation_checkpointing": False,
     }
-    plan = FAMILIES[family]
+    plan = family_plan(family, config)
     rows = {g: {"path": str(data_paths[g]), "format": "messages"} for g in ("all", "short", "rec")}
     weights = {"all": 1.0, "short": config.short_answer_weight, "rec": config.rec_weight}
     weights.update(plan.get("mixture_weights", {}))
@@ -305,15 +345,7 @@ def pretrain_encoders(config: MainJobConfig, output_dir: str | Path) -> tuple[di
 def run_main_job(output_dir: str | Path, config: MainJobConfig | None = None) -> dict:
     """Runs the whole job; returns (and writes to `<output_dir>/results.json`) everything it measured."""
     config = config or MainJobConfig()
-    unknown = sorted(set(config.families) - set(FAMILIES))
-    if unknown:
-        raise ValueError(f"Unknown families {unknown}; the main job trains {list(FAMILIES)}.")
-    for k, family in enumerate(config.families):
-        source = FAMILIES[family].get("init_from")
-        if source and source not in config.families[:k]:
-            raise ValueError(
-                f"{family} starts from the trained {source} model: put {source!r} before {family!r} in `families`."
-            )
+    config.validate()
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -323,7 +355,7 @@ def run_main_job(output_dir: str | Path, config: MainJobConfig | None = None) ->
     for family in config.families:
         family_start = time.perf_counter()
         family_dir = output_dir / family
-        source = FAMILIES[family].get("init_from")
+        source = family_plan(family, config).get("init_from")
         if source:
             derive_family_model(family, config, results["models"][source]["final_dir"], family_dir / "init")
         else:

@@ -169,6 +169,7 @@ class AdaptiveCombinerModel(AdaptiveCombinerPreTrainedModel, CommModel):
             share_weights=config.combiner_share_weights,
             input_norm=config.combiner_input_norm,
             latent_residual=config.combiner_latent_residual,
+            image_positions=config.combiner_image_positions,
         )
         self.post_init()  # initialises the combiner only: the rest is already marked initialised
 
