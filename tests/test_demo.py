@@ -143,7 +143,7 @@ def test_long_job_gives_the_combiner_the_rec_weighted_stage_2(tmp_path):
     default, long = MainJobConfig(), MainJobConfig.long()
     paths = {group: tmp_path / f"train_{group}.jsonl" for group in ("all", "short", "rec")}
     stages = family_recipe("adaptive_combiner", long, tmp_path / "init", paths)["stages"]
-    assert [s["args"]["max_steps"] for s in stages] == [1200, 2400]
+    assert [s["args"]["max_steps"] for s in stages] == [default.family_stage_steps["adaptive_combiner"][0], 2400]
     weights = {Path(m["path"]).stem: m["weight"] for m in stages[1]["dataset"]["mixture"]}
     assert weights == {"train_all": 1.0, "train_short": long.short_answer_weight, "train_rec": long.rec_weight}
     assert [s["learning_rates"] for s in stages] == [{"combiner": pytest.approx(0.2 * long.learning_rate)}] * 2
