@@ -4,7 +4,7 @@ The combiner's fused tokens have no grid: they are indexed by its text latents a
 pools (eq. 2, then eq. 3's cross-attention). Latent attention is blind to the order of the visual tokens, so a box can
 only come from whatever position the encoder left in its features, unless position codes are added to the visual
 tokens before resampling (`combiner_image_positions`, as DETR and Perceiver do). This script trains the combiner of
-`MainJobConfig.long()` (same sizes, data, encoder warm-up and recipe: 1100 one-word-answer steps, then 2400 steps on
+`MainJobConfig.long()` (same sizes, data, encoder warm-up and recipe: 1200 one-word-answer steps, then 2400 steps on
 the stage-2 mixture with the REC weight) with and without the position codes. Every `--eval-every` stage-2 steps it
 scores REC (acc@0.5 and mean IoU) on the held-out split; at the end REC, POPE and VQA per question type.
 

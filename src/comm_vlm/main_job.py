@@ -80,7 +80,7 @@ class MainJobConfig:
     # (`benchmarks/rec_binding.py`), and REC stays at chance before that. M3's all-scale steps cost about 2.5x a
     # single-scale step; M3 fine-tunes the trained COMM.
     family_stage_steps: dict[str, tuple[int, ...]] = field(
-        default_factory=lambda: {"comm": (500, 2600), "matryoshka_llava": (200,), "adaptive_combiner": (1100, 250)}
+        default_factory=lambda: {"comm": (500, 2600), "matryoshka_llava": (200,), "adaptive_combiner": (1200, 300)}
     )
     batch_size: int = 16
     learning_rate: float = 1e-3
@@ -138,7 +138,7 @@ class MainJobConfig:
 
     @classmethod
     def long(cls) -> MainJobConfig:
-        """The default job, except that the combiner also learns REC: its stage 2 trains 2400 steps (not 250) on the
+        """The default job, except that the combiner also learns REC: its stage 2 trains 2400 steps (not 300) on the
         job's stage-2 mixture, REC weight included. About 5 minutes more than the default (about 19 on 2 cores)."""
         config = cls()
         stage_1 = config.family_stage_steps["adaptive_combiner"][0]
