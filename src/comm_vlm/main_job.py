@@ -51,9 +51,10 @@ FAMILIES: dict[str, dict[str, Any]] = {
     # the LMM this job has), so it needs one stage of its own.
     "matryoshka_llava": {"layout": "comm", "init_from": "comm", "stages": ("m3_finetune",), "overrides": {}},
     # The combiner trains at a fifth of the job's learning rate (the LLM and projector at the full one): at the full
-    # rate its latents stayed near the text-only priors after 1000 steps. Its stage 2 leaves out the extra REC
-    # weight: 16 fused tokens do not carry a box in this budget (M3 with 16 tokens is at chance too), and the REC-heavy
-    # mixture cost it yes/no and attribute accuracy (`benchmarks/main_job/combiner_study.md`).
+    # rate its latents stayed near the text-only priors after 1000 steps. Its 300-step stage 2 leaves out the extra
+    # REC weight: the combiner learns REC only after about 2400 REC-weighted steps (`benchmarks/combiner_rec.py`),
+    # which do not fit in the 15 minutes (`MainJobConfig.long()` trains them), and 300 of them cost it yes/no and
+    # attribute accuracy.
     "adaptive_combiner": {
         "layout": "llava",
         "new_modules": ("model.combiner.",),
