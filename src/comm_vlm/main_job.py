@@ -65,7 +65,8 @@ FAMILIES: dict[str, dict[str, Any]] = {
     },
 }
 
-PLAN_KEYS = {"layout", "stages", "overrides", "init_from", "new_modules", "learning_rate_scales", "mixture_weights"}
+# Entries a `MainJobConfig.family_plans` override may set: those the plans above use.
+PLAN_KEYS = set().union(*FAMILIES.values())
 
 
 @dataclass
@@ -148,11 +149,11 @@ class MainJobConfig:
         return config
 
 
-def family_plan(family: str, config: MainJobConfig | None = None) -> dict[str, Any]:
+def family_plan(family: str, config: MainJobConfig) -> dict[str, Any]:
     """`FAMILIES[family]` with the entries of `config.family_plans[family]` replacing its own."""
     if family not in FAMILIES:
         raise ValueError(f"Unknown family {family!r}; the main job trains {list(FAMILIES)}.")
-    return {**FAMILIES[family], **(config.family_plans.get(family, {}) if config is not None else {})}
+    return {**FAMILIES[family], **config.family_plans.get(family, {})}
 
 
 def build_family_model(
