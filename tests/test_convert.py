@@ -165,6 +165,8 @@ def test_llava_original_converts_with_equal_logits(reference, tmp_path, monkeypa
     model, processor, inputs = load_converted(tmp_path / "dst")
     assert processor.image_token_id == 320 and model.config.text_config.vocab_size == 321  # <image> appended
     assert processor.chat_template.count("polite answers") == 1  # LLaVA-1.5's Vicuna-v1 system prompt
+    rendered = processor.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+    assert rendered.endswith("polite answers to the human's questions. USER: Hi ASSISTANT:")
     with torch.no_grad():
         logits = model(**inputs).logits
     expected = llava_logits(reference, inputs["input_ids"], inputs["pixel_values"], image_token_id=320)

@@ -20,7 +20,7 @@ from comm_vlm.processing_comm import (
     normalize_box,
     parse_boxes,
 )
-from comm_vlm.tiny import build_tiny_tokenizer
+from comm_vlm.tiny import VICUNA_SYSTEM_PROMPT, build_tiny_tokenizer, vicuna_chat_template
 
 
 IMAGE_TOKEN_ID = 4
@@ -92,6 +92,35 @@ def test_unknown_image_token_raises(tokenizer):
 
 def test_chat_template_defaults_to_tokenizer(processor, tokenizer):
     assert processor.chat_template == tokenizer.chat_template
+
+
+TURNS = [
+    {"role": "user", "content": [{"type": "text", "text": "Is there a cat?"}, {"type": "image"}]},
+    {"role": "assistant", "content": "yes"},
+]
+
+
+@pytest.mark.parametrize(
+    "system_prompt, messages, expected",
+    [
+        (VICUNA_SYSTEM_PROMPT, TURNS, f"<s>{VICUNA_SYSTEM_PROMPT} USER: Is there a cat?<image>\n ASSISTANT: yes</s>"),
+        ("", TURNS, "<s>USER: Is there a cat?<image>\n ASSISTANT: yes</s>"),
+        # Quotes and apostrophes (LLaVA-1.5's full prompt has "human's") are escaped, not the end of the string.
+        ("The human's \"questions\".", TURNS[:1], "<s>The human's \"questions\". USER: Is there a cat?<image>\n "),
+        # A system message replaces the template's own prompt.
+        ("", [{"role": "system", "content": "Be brief."}] + TURNS[:1], "<s>Be brief. USER: Is there a cat?<image>\n "),
+    ],
+)
+def test_vicuna_chat_template_system_prompt(tokenizer, system_prompt, messages, expected):
+    template = vicuna_chat_template(system_prompt)
+    assert tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False) == expected
+    generation = tokenizer.apply_chat_template(
+        messages[:-1] if messages[-1]["role"] == "assistant" else messages,
+        chat_template=template,
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    assert generation.endswith(" ASSISTANT:")
 
 
 # --------------------------------------------------------------------------------------------------------------

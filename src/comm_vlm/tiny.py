@@ -8,6 +8,7 @@ own `LlavaForConditionalGeneration` with the same sizes, for parity checks.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -19,29 +20,42 @@ IMAGE_TOKEN = "<image>"
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
 IMAGE_TOKEN_ID = SPECIAL_TOKENS.index(IMAGE_TOKEN)
 
-# Vicuna-v1 style conversation ("USER: ... ASSISTANT: ...</s>") as used by LLaVA-1.5, COMM (Vicuna-7B) and M3.
-# Content may be a string or a list of {"type": "image"} / {"type": "text", "text": ...} parts.
-CHAT_TEMPLATE = (
-    "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
-    "{% set messages = messages[1:] %}{% else %}"
-    "{% set system = 'A chat between a curious human and an artificial intelligence assistant.' %}{% endif %}"
-    "{% if system is not string %}{% set system = system[0]['text'] %}{% endif %}"
-    "{{ bos_token }}{{ system }} "
-    "{% for message in messages %}"
-    "{% if message['content'] is string %}{% set text = message['content'] %}"
-    "{% else %}{% set text = namespace(v='') %}"
-    "{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}{% set text.v = text.v + '<image>\n' %}"
-    "{% elif part['type'] == 'text' %}{% set text.v = text.v + part['text'] %}{% endif %}"
-    "{% endfor %}{% set text = text.v %}{% endif %}"
-    "{% if message['role'] == 'user' %}USER: {{ text }} "
-    # The space after "ASSISTANT:" is inside the generation block: the model generates it (the prompt ends at ":"),
-    # so it must be supervised. Words carry it in their first token (" purple"), but digits split off a bare " "
-    # token (" 2" -> " ", "2") that the loss would otherwise never train, and a count answer could never start.
-    "{% else %}ASSISTANT:{% generation %} {{ text }}{{ eos_token }}{% endgeneration %}{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
+# The system prompt of the Vicuna-v1 conversation (LLaVA-1.5's, shortened as in Vicuna's own template).
+VICUNA_SYSTEM_PROMPT = "A chat between a curious human and an artificial intelligence assistant."
+
+
+def vicuna_chat_template(system_prompt: str = VICUNA_SYSTEM_PROMPT) -> str:
+    """The Vicuna-v1 style conversation ("USER: ... ASSISTANT: ...</s>") of LLaVA-1.5, COMM (Vicuna-7B) and M3.
+
+    Content may be a string or a list of {"type": "image"} / {"type": "text", "text": ...} parts. A leading system
+    message replaces `system_prompt`; an empty system prompt renders none (the prompt starts at "USER:").
+    """
+    return (
+        "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+        "{% set messages = messages[1:] %}{% else %}"
+        # JSON string syntax is Jinja string syntax: any quote or apostrophe in the prompt is escaped.
+        f"{{% set system = {json.dumps(system_prompt)} %}}{{% endif %}}"
+        "{% if system is not string %}{% set system = system[0]['text'] %}{% endif %}"
+        "{{ bos_token }}{% if system %}{{ system }} {% endif %}"
+        "{% for message in messages %}"
+        "{% if message['content'] is string %}{% set text = message['content'] %}"
+        "{% else %}{% set text = namespace(v='') %}"
+        "{% for part in message['content'] %}"
+        "{% if part['type'] == 'image' %}{% set text.v = text.v + '<image>\n' %}"
+        "{% elif part['type'] == 'text' %}{% set text.v = text.v + part['text'] %}{% endif %}"
+        "{% endfor %}{% set text = text.v %}{% endif %}"
+        "{% if message['role'] == 'user' %}USER: {{ text }} "
+        # The space after "ASSISTANT:" is inside the generation block: the model generates it (the prompt ends at
+        # ":"), so it must be supervised. Words carry it in their first token (" purple"), but digits split off a
+        # bare " " token (" 2" -> " ", "2") that the loss would otherwise never train, and a count answer could
+        # never start.
+        "{% else %}ASSISTANT:{% generation %} {{ text }}{{ eos_token }}{% endgeneration %}{% endif %}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+    )
+
+
+CHAT_TEMPLATE = vicuna_chat_template()
 
 _CORPUS = [
     "A chat between a curious human and an artificial intelligence assistant.",
@@ -251,6 +265,7 @@ def build_tiny_checkpoint(
     seed: int = 0,
     vocab_size: int = 320,
     family: str = "comm",
+    chat_template: str | None = None,
     **overrides: Any,
 ):
     """Builds a random tiny model + processor and saves both to `path` (safetensors). Returns `(model, processor)`.
@@ -259,6 +274,7 @@ def build_tiny_checkpoint(
         layout (`str`): `"comm"` or `"llava"` vision branch (see `tiny_comm_config`).
         vocab_size (`int`): size of the in-memory BPE tokenizer and of the LLM's vocabulary.
         family (`str`): `"comm"`, `"matryoshka_llava"` or `"adaptive_combiner"`.
+        chat_template (`str`, *optional*): the processor's chat template; defaults to `CHAT_TEMPLATE`.
         overrides: fields of the family's config.
     """
     import torch
@@ -268,7 +284,11 @@ def build_tiny_checkpoint(
     model_class = _family(family)[1]
     model = model_class(config).eval()
     processor = family_processor(
-        family, config, tiny_image_processor(config.vision_config.image_size), build_tiny_tokenizer(vocab_size)
+        family,
+        config,
+        tiny_image_processor(config.vision_config.image_size),
+        build_tiny_tokenizer(vocab_size),
+        chat_template=chat_template,
     )
     model.save_pretrained(path)
     processor.save_pretrained(path)
