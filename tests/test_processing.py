@@ -106,7 +106,7 @@ TURNS = [
         (VICUNA_SYSTEM_PROMPT, TURNS, f"<s>{VICUNA_SYSTEM_PROMPT} USER: Is there a cat?<image>\n ASSISTANT: yes</s>"),
         ("", TURNS, "<s>USER: Is there a cat?<image>\n ASSISTANT: yes</s>"),
         # Quotes and apostrophes (LLaVA-1.5's full prompt has "human's") are escaped, not the end of the string.
-        ("The human's \"questions\".", TURNS[:1], "<s>The human's \"questions\". USER: Is there a cat?<image>\n "),
+        ('The human\'s "questions".', TURNS[:1], '<s>The human\'s "questions". USER: Is there a cat?<image>\n '),
         # A system message replaces the template's own prompt.
         ("", [{"role": "system", "content": "Be brief."}] + TURNS[:1], "<s>Be brief. USER: Is there a cat?<image>\n "),
     ],
