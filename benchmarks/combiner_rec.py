@@ -3,10 +3,12 @@
 The combiner's fused tokens have no grid: they are indexed by its text latents and get the image through two attention
 pools (eq. 2, then eq. 3's cross-attention). Latent attention is blind to the order of the visual tokens, so a box can
 only come from whatever position the encoder left in its features, unless position codes are added to the visual
-tokens before resampling (`combiner_image_positions`, as DETR and Perceiver do). This script trains the combiner of
-`MainJobConfig.long()` (same sizes, data, encoder warm-up and recipe: 1200 one-word-answer steps, then 2400 steps on
-the stage-2 mixture with the REC weight) with and without the position codes. Every `--eval-every` stage-2 steps it
-scores REC (acc@0.5 and mean IoU) on the held-out split; at the end REC, POPE and VQA per question type.
+tokens before resampling (`combiner_image_positions`, as DETR and Perceiver do). This script trains the main job's
+combiner (same sizes, data, encoder warm-up and recipe, 16 latents) for 1200 one-word-answer steps, then 2400 steps on
+the stage-2 mixture with the REC weight, with and without the position codes. It keeps the settings it was recorded
+with (stop 14): the Vicuna system prompt in the chat template and 16 latents (`RECORDED`). Every `--eval-every`
+stage-2 steps it scores REC (acc@0.5 and mean IoU) on the held-out split; at the end REC, POPE and VQA per question
+type.
 
 Writes `combiner_rec.md` and `combiner_rec.png` (REC acc@0.5 vs stage-2 steps) to `--output-dir`.
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import matplotlib
@@ -36,7 +39,22 @@ from comm_vlm.main_job import (  # noqa: E402
     prepare_training_data,
     pretrain_encoders,
 )
+from comm_vlm.tiny import VICUNA_SYSTEM_PROMPT  # noqa: E402
 from comm_vlm.training.recipes import run_recipe  # noqa: E402
+
+
+# The main job's settings when this was recorded: the combiner with 16 latents, 1200+2400 steps with the stage-2
+# mixture's REC weight, and LLaVA-1.5's (Vicuna's) system prompt in the template.
+RECORDED = {
+    "system_prompt": VICUNA_SYSTEM_PROMPT,
+    "family_stage_steps": {"adaptive_combiner": (1200, 2400)},
+    "family_plans": {
+        "adaptive_combiner": {
+            "overrides": {"combiner_num_latents": 16, "combiner_iterations": 2, "combiner_gate_init": 1.0},
+            "mixture_weights": {},
+        }
+    },
+}
 
 
 VARIANTS: dict[str, dict] = {
@@ -131,11 +149,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes and a few steps (a smoke run)")
     options = parser.parse_args()
     if options.quick:
-        config = MainJobConfig.quick()
-        config.family_plans = MainJobConfig.long().family_plans
-        every = 2
+        config, every = replace(MainJobConfig.quick(), **{**RECORDED, "family_stage_steps": {}}), 2
     else:
-        config, every = MainJobConfig.long(), options.eval_every
+        config, every = replace(MainJobConfig(), **RECORDED), options.eval_every
     output_dir = Path(options.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import matplotlib
@@ -45,6 +46,7 @@ from comm_vlm.main_job import (  # noqa: E402
     prepare_training_data,
     pretrain_encoders,
 )
+from comm_vlm.tiny import VICUNA_SYSTEM_PROMPT  # noqa: E402
 from comm_vlm.training.recipes import run_recipe  # noqa: E402
 
 
@@ -148,6 +150,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes and 3 steps (a smoke run)")
     options = parser.parse_args()
     config = MainJobConfig.quick() if options.quick else MainJobConfig()
+    config = replace(config, system_prompt=VICUNA_SYSTEM_PROMPT)  # as recorded: LLaVA-1.5's template
     steps = 3 if options.quick else options.steps
     output_dir = Path(options.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -48,7 +48,7 @@ from comm_vlm.evaluation.synthetic import (  # noqa: E402
 )
 from comm_vlm.main_job import MainJobConfig, build_family_model  # noqa: E402
 from comm_vlm.processing_comm import normalize_box  # noqa: E402
-from comm_vlm.tiny import tiny_text_config  # noqa: E402
+from comm_vlm.tiny import VICUNA_SYSTEM_PROMPT, tiny_text_config  # noqa: E402
 from comm_vlm.training.encoder_warmup import patch_labels, warm_up_encoders  # noqa: E402
 
 
@@ -236,6 +236,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     config = MainJobConfig.quick() if args.quick else MainJobConfig()
+    config = replace(config, system_prompt=VICUNA_SYSTEM_PROMPT)  # as recorded: LLaVA-1.5's template
     config = replace(config, llm_layers=args.llm_layers or config.llm_layers, llm_init_std=args.llm_init_std)
     steps, every = (4, 2) if args.quick else (args.steps, 250)
     train_scenes = config.train_scenes if args.quick else args.train_scenes

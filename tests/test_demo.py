@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from transformers import pipeline
+from transformers import AutoProcessor, pipeline
 
 from comm_vlm.cli import main, run_demo
 from comm_vlm.tiny import build_tiny_checkpoint
@@ -60,6 +60,9 @@ def test_main_job_quick_runs_every_family_end_to_end(tmp_path, capsys):
         towers = [k for k in init if ".vision_tower." in k or ".secondary_vision_tower." in k]
         assert towers and all(torch.equal(init[k], shared[k]) for k in towers)
         assert isinstance(result["served"]["answer"], str)
+        # The tiny models' template has no system prompt (`MainJobConfig.system_prompt`), M3's copied from COMM's.
+        template = AutoProcessor.from_pretrained(result["final_dir"]).apply_chat_template
+        assert template([{"role": "user", "content": "Hi"}], add_generation_prompt=True) == "<s>USER: Hi ASSISTANT:"
         assert result["served"]["image_first"] is not MainJobConfig.quick().image_after_question
     assert Path(results["models"]["matryoshka_llava"]["plot"]).exists()
     assert printed.count("  served (question first) 'Please provide the bounding box coordinate") == len(FAMILIES)
@@ -137,8 +140,9 @@ def test_cli_demo_rejects_bad_families_before_any_work(tmp_path, capsys):
 
 
 def test_long_job_gives_the_combiner_the_rec_weighted_stage_2(tmp_path):
-    """`MainJobConfig.long()` changes only the combiner: 2400 stage-2 steps on the job's mixture, REC included."""
-    from comm_vlm.main_job import MainJobConfig, family_recipe
+    """`MainJobConfig.long()` changes only the combiner: 32 latents, 2400 stage-2 steps on the job's mixture, REC
+    included."""
+    from comm_vlm.main_job import MainJobConfig, family_plan, family_recipe
 
     default, long = MainJobConfig(), MainJobConfig.long()
     paths = {group: tmp_path / f"train_{group}.jsonl" for group in ("all", "short", "rec")}
@@ -147,6 +151,8 @@ def test_long_job_gives_the_combiner_the_rec_weighted_stage_2(tmp_path):
     weights = {Path(m["path"]).stem: m["weight"] for m in stages[1]["dataset"]["mixture"]}
     assert weights == {"train_all": 1.0, "train_short": long.short_answer_weight, "train_rec": long.rec_weight}
     assert [s["learning_rates"] for s in stages] == [{"combiner": pytest.approx(0.2 * long.learning_rate)}] * 2
+    plan, default_plan = family_plan("adaptive_combiner", long), family_plan("adaptive_combiner", default)
+    assert plan["overrides"] == {**default_plan["overrides"], "combiner_num_latents": 32}
     for family in ("comm", "matryoshka_llava"):
         assert family_recipe(family, long, "init", paths) == family_recipe(family, default, "init", paths)
     assert default.family_plans == {} and MainJobConfig().family_plans == {}  # `long()` shares nothing with defaults
