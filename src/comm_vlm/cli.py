@@ -104,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     size = demo.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="CI-sized run (seconds; numbers are not meaningful)")
     size.add_argument(
-        "--long", action="store_true", help="the combiner also trains 2400 REC-weighted stage-2 steps (~19 minutes)"
+        "--long",
+        action="store_true",
+        help="the combiner also learns REC: 32 latents, 2400 REC-weighted stage-2 steps (~19 minutes)",
     )
     demo.add_argument(
         "--families", nargs="+", help="families to train, in order (default: comm matryoshka_llava adaptive_combiner)"

@@ -71,7 +71,7 @@ PLAN_KEYS = set().union(*FAMILIES.values())
 
 @dataclass
 class MainJobConfig:
-    """Sizes of the main job (defaults: the full run, 13-14 minutes on 2 cores; `quick()`: the CI smoke run)."""
+    """Sizes of the main job (defaults: the full run, 12-13 minutes on 2 cores; `quick()`: the CI smoke run)."""
 
     train_scenes: int = 600
     test_scenes: int = 100
@@ -146,10 +146,10 @@ class MainJobConfig:
     @classmethod
     def long(cls) -> MainJobConfig:
         """The default job, except that the combiner also learns REC: 32 latents (not 16), and a stage 2 of 2400 steps
-        (not 300) on the job's stage-2 mixture, REC weight included. About 7 minutes more than the default.
+        (not 300) on the job's stage-2 mixture, REC weight included. About 6 minutes more (about 19 on 2 cores).
 
         With 16 latents the same schedule gave REC 9.6 in one run and 3.3 (colour 1.6x majority) in another that
-        differed only in floating-point rounding; with 32 latents REC rose steadily to 10.5 (4.0x chance).
+        differed only in floating-point rounding; with 32 latents it gave 10.5 and 22.6 in two such runs.
         """
         config = cls()
         stage_1 = config.family_stage_steps["adaptive_combiner"][0]
