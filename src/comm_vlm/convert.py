@@ -40,7 +40,7 @@ from transformers.utils import logging
 
 from .hub import ModelCardInfo, save_for_hub
 from .processing_comm import CommProcessor
-from .tiny import tiny_image_processor, vicuna_chat_template
+from .tiny import VICUNA_SYSTEM_PROMPT, tiny_image_processor, vicuna_chat_template
 
 
 logger = logging.get_logger(__name__)
@@ -53,8 +53,7 @@ IGNORED_SOURCE_KEYS = re.compile(r"(\.position_ids|rotary_emb\.inv_freq)$")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # LLaVA-1.5's conversation (conv_vicuna_v1): the tiny chat template with LLaVA's full system prompt.
 VICUNA_V1_TEMPLATE = vicuna_chat_template(
-    "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, detailed, "
-    "and polite answers to the human's questions."
+    VICUNA_SYSTEM_PROMPT + " The assistant gives helpful, detailed, and polite answers to the human's questions."
 )
 ORIGINAL_TEXT_MODEL_TYPES = {"llava_llama": "llama", "llava": "llama", "llava_mistral": "mistral"}
 # LLaVA / M3 training-code fields that are not text-model settings.

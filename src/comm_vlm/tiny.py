@@ -58,7 +58,7 @@ def vicuna_chat_template(system_prompt: str = VICUNA_SYSTEM_PROMPT) -> str:
 CHAT_TEMPLATE = vicuna_chat_template()
 
 _CORPUS = [
-    "A chat between a curious human and an artificial intelligence assistant.",
+    VICUNA_SYSTEM_PROMPT,
     "USER: What is in the image? ASSISTANT: A red square on a blue background.",
     "USER: Where is the cat? ASSISTANT: The cat is at [0.120,0.305,0.451,0.622].",
     "Describe the image briefly. There is a dog, a person and a car in the picture.",
