@@ -139,6 +139,29 @@ def test_cli_demo_rejects_bad_families_before_any_work(tmp_path, capsys):
         main(["demo", "--quick", "--long"])
 
 
+def test_cli_demo_seed_reaches_data_and_training(tmp_path):
+    import json
+
+    from comm_vlm.main_job import MainJobConfig, family_recipe, prepare_training_data
+
+    out = tmp_path / "seed1"
+    assert main(["demo", "--quick", "--families", "comm", "--seed", "1", "--output-dir", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["seed"] == 1
+
+    def messages(path):  # the rows' text (their image paths differ by folder)
+        return [json.loads(line)["messages"] for line in Path(path).read_text().splitlines()]
+
+    rows = messages(out / "data" / "train_all.jsonl")
+    for seed in (0, 1):
+        config = MainJobConfig.quick()
+        config.seed = seed
+        _, paths = prepare_training_data(config, tmp_path / f"data{seed}")
+        assert (messages(paths["all"]) == rows) is (seed == 1)
+        recipe = family_recipe("comm", config, tmp_path / "init", paths)
+        assert [stage["args"]["seed"] for stage in recipe["stages"]] == [seed, seed]
+
+
 def test_long_job_gives_the_combiner_the_rec_weighted_stage_2(tmp_path):
     """`MainJobConfig.long()` changes only the combiner: 32 latents, 2400 stage-2 steps on the job's mixture, REC
     included."""

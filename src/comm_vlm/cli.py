@@ -111,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--families", nargs="+", help="families to train, in order (default: comm matryoshka_llava adaptive_combiner)"
     )
+    demo.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the synthetic splits, the encoder warm-up, every init and training run (default 0, recorded)",
+    )
     study = sub.add_parser("layer-study", help="COMM's layer study: single CLIP layers vs multi-level merging")
     study.add_argument("--output-dir", default="outputs/layer_study")
     study.add_argument("--quick", action="store_true", help="CI-sized run with 2 variants (numbers not meaningful)")
@@ -167,6 +173,7 @@ def _main_job(args: argparse.Namespace) -> int:
     config = MainJobConfig.quick() if args.quick else MainJobConfig.long() if args.long else MainJobConfig()
     if args.families:
         config.families = tuple(args.families)
+    config.seed = args.seed
     try:
         config.validate()
     except ValueError as err:
