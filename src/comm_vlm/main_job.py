@@ -71,7 +71,7 @@ PLAN_KEYS = set().union(*FAMILIES.values())
 
 @dataclass
 class MainJobConfig:
-    """Sizes of the main job (defaults: the full run, 12-13 minutes on 2 cores; `quick()`: the CI smoke run)."""
+    """Sizes of the main job (defaults: the full run, 12.5-15 minutes on 2 cores; `quick()`: the CI smoke run)."""
 
     train_scenes: int = 600
     test_scenes: int = 100

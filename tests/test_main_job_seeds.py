@@ -1,0 +1,46 @@
+"""The main job's seed study (`benchmarks/main_job_seeds.py`): the bar checks and an end-to-end smoke run."""
+
+import json
+import sys
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def bench(load_benchmark):
+    return load_benchmark("main_job_seeds")
+
+
+def fake_results(rec: float, pope: float, colour: float, shape: float) -> dict:
+    """A results.json with one model whose baselines are REC chance 0.05 and majority answers 0.25 / 0.4."""
+    vqa_baseline = {"per_question_type_prior": {"colour": 0.25, "shape": 0.4}}
+    evaluation = {
+        "rec": {"metrics": {"accuracy": rec}, "baseline": {"accuracy": 0.05}},
+        "pope": {"metrics": {"accuracy": pope}},
+        "vqa": {"metrics": {"per_question_type": {"colour": colour, "shape": shape}}, "baseline": vqa_baseline},
+    }
+    return {"models": {"comm": {"eval": evaluation}}, "seconds": 1.0}
+
+
+def test_checks_meet_a_bar_at_or_above_it_only(bench):
+    # Seed 0 sits exactly on every bar; seed 1 is just under each.
+    results = {0: fake_results(0.15, 0.75, 0.5, 0.8), 1: fake_results(0.149, 0.749, 0.499, 0.799)}
+    rows = bench.check_rows(results)
+    assert [row["check"] for row in rows] == ["REC acc@0.5", "POPE acc", "VQA colour", "VQA shape"]
+    assert all(row["met"] == [0] for row in rows)
+    assert [round(row["bars"][0], 6) for row in rows] == [15.0, 75.0, 50.0, 80.0]
+    table = bench.markdown(rows, results)
+    assert "| comm | REC acc@0.5 (3x chance) | 15.0 (1.00) | 14.9 (0.99) | 1 of 2 |" in table
+
+
+def test_quick_run_reuses_finished_seeds_and_writes_the_table_and_plot(bench, tmp_path, monkeypatch):
+    (tmp_path / "seed5").mkdir()
+    (tmp_path / "seed5" / "results.json").write_text(json.dumps(fake_results(0.2, 0.9, 0.6, 0.9)))
+    argv = ["main_job_seeds.py", "--quick", "--families", "comm", "--seeds", "5", "1", "--output-dir", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", argv)
+    bench.main()
+    assert json.loads((tmp_path / "seed1" / "results.json").read_text())["config"]["seed"] == 1
+    table = (tmp_path / "main_job_seeds.md").read_text()
+    assert "| model | check (bar) | seed 5 | seed 1 | seeds meeting the bar |" in table
+    assert "| comm | REC acc@0.5 (3x chance) | 20.0 (1.33) |" in table  # seed 5 read back, not run
+    assert (tmp_path / "main_job_seeds.png").stat().st_size > 0
