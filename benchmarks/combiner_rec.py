@@ -6,7 +6,7 @@ only come from whatever position the encoder left in its features, unless positi
 tokens before resampling (`combiner_image_positions`, as DETR and Perceiver do). This script trains the main job's
 combiner (same sizes, data, encoder warm-up and recipe, 16 latents) for 1200 one-word-answer steps, then 2400 steps on
 the stage-2 mixture with the REC weight, with and without the position codes. It keeps the settings it was recorded
-with (stop 14): the Vicuna system prompt in the chat template and 16 latents (`RECORDED`). Every `--eval-every`
+with (stop 14): the Vicuna system prompt in the chat template, 16 latents (`RECORDED`) and 600 warm-up steps. Every `--eval-every`
 stage-2 steps it scores REC (acc@0.5 and mean IoU) on the held-out split; at the end REC, POPE and VQA per question
 type.
 
@@ -151,7 +151,7 @@ def main() -> None:
     if options.quick:
         config, every = replace(MainJobConfig.quick(), **{**RECORDED, "family_stage_steps": {}}), 2
     else:
-        config, every = replace(MainJobConfig(), **RECORDED), options.eval_every
+        config, every = replace(MainJobConfig(warmup_steps=600), **RECORDED), options.eval_every
     output_dir = Path(options.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:

@@ -235,8 +235,9 @@ def main() -> None:
     variants.add_argument("--train-scenes", type=int, default=2000, help="training scenes (main job: 600)")
     args = parser.parse_args()
     torch.manual_seed(0)
-    config = MainJobConfig.quick() if args.quick else MainJobConfig()
-    config = replace(config, system_prompt=VICUNA_SYSTEM_PROMPT)  # as recorded: LLaVA-1.5's template
+    # As recorded: LLaVA-1.5's template and the 600-step encoder warm-up.
+    config = MainJobConfig.quick() if args.quick else MainJobConfig(warmup_steps=600)
+    config = replace(config, system_prompt=VICUNA_SYSTEM_PROMPT)
     config = replace(config, llm_layers=args.llm_layers or config.llm_layers, llm_init_std=args.llm_init_std)
     steps, every = (4, 2) if args.quick else (args.steps, 250)
     train_scenes = config.train_scenes if args.quick else args.train_scenes
