@@ -6,9 +6,9 @@ only come from whatever position the encoder left in its features, unless positi
 tokens before resampling (`combiner_image_positions`, as DETR and Perceiver do). This script trains the main job's
 combiner (same sizes, data, encoder warm-up and recipe, 16 latents) for 1200 one-word-answer steps, then 2400 steps on
 the stage-2 mixture with the REC weight, with and without the position codes. It keeps the settings it was recorded
-with (stop 14): the Vicuna system prompt in the chat template, 16 latents (`RECORDED`) and 600 warm-up steps. Every `--eval-every`
-stage-2 steps it scores REC (acc@0.5 and mean IoU) on the held-out split; at the end REC, POPE and VQA per question
-type.
+with (stop 14): the Vicuna system prompt in the chat template, 16 latents (`RECORDED`) and 600 encoder warm-up steps.
+Every `--eval-every` stage-2 steps it scores REC (acc@0.5 and mean IoU) on the held-out split; at the end REC, POPE
+and VQA per question type.
 
 Writes `combiner_rec.md` and `combiner_rec.png` (REC acc@0.5 vs stage-2 steps) to `--output-dir`.
 
