@@ -52,12 +52,11 @@ CHECKS: list[tuple[str, str, Callable[[dict], tuple[float, float]]]] = [
 ]
 
 
-def seed_results(seed: int, output_dir: Path, config: MainJobConfig) -> dict:
-    """The main job's results for `seed`: read from `<output_dir>/seed<seed>/results.json`, else run and written."""
-    path = output_dir / f"seed{seed}" / "results.json"
+def seed_results(config: MainJobConfig, output_dir: Path) -> dict:
+    """The job's results for `config.seed`: read from `<output_dir>/seed<k>/results.json`, else run and written."""
+    path = output_dir / f"seed{config.seed}" / "results.json"
     if path.exists():
         return json.loads(path.read_text())
-    config.seed = seed
     return run_main_job(path.parent, config)
 
 
@@ -128,12 +127,11 @@ def main() -> None:
     parser.add_argument("--families", nargs="+", help="default: every family of the main job")
     args = parser.parse_args()
     output_dir = Path(args.output_dir)
-    results = {}
-    for seed in args.seeds:
-        config = MainJobConfig.quick() if args.quick else MainJobConfig.long() if args.long else MainJobConfig()
-        if args.families:
-            config.families = tuple(args.families)
-        results[seed] = seed_results(seed, output_dir, config)
+    # Each seed's job is exactly what `comm-vlm demo [--quick | --long] [--families ...] --seed k` runs.
+    results = {
+        seed: seed_results(MainJobConfig.for_run(args.quick, args.long, args.families, seed), output_dir)
+        for seed in args.seeds
+    }
     rows = check_rows(results)
     table = markdown(rows, results)
     (output_dir / "main_job_seeds.md").write_text(table + "\n")

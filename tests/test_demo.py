@@ -1,5 +1,6 @@
 """The README's main job and `pipeline("image-text-to-text")` on a tiny offline checkpoint."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -160,6 +161,17 @@ def test_cli_demo_seed_reaches_data_and_training(tmp_path):
         assert (messages(paths["all"]) == rows) is (seed == 1)
         recipe = family_recipe("comm", config, tmp_path / "init", paths)
         assert [stage["args"]["seed"] for stage in recipe["stages"]] == [seed, seed]
+
+
+def test_for_run_is_the_cli_s_config():
+    from comm_vlm.main_job import MainJobConfig
+
+    assert MainJobConfig.for_run() == MainJobConfig()
+    assert MainJobConfig.for_run(long=True, seed=3) == replace(MainJobConfig.long(), seed=3)
+    quick = MainJobConfig.for_run(quick=True, families=["comm"], seed=2)
+    assert quick == replace(MainJobConfig.quick(), families=("comm",), seed=2)
+    with pytest.raises(ValueError, match="Pick one size"):
+        MainJobConfig.for_run(quick=True, long=True)
 
 
 def test_long_job_gives_the_combiner_the_rec_weighted_stage_2(tmp_path):

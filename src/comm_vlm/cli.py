@@ -170,10 +170,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main_job(args: argparse.Namespace) -> int:
     from .main_job import MainJobConfig, run_main_job
 
-    config = MainJobConfig.quick() if args.quick else MainJobConfig.long() if args.long else MainJobConfig()
-    if args.families:
-        config.families = tuple(args.families)
-    config.seed = args.seed
+    config = MainJobConfig.for_run(args.quick, args.long, args.families, args.seed)
     try:
         config.validate()
     except ValueError as err:

@@ -147,6 +147,22 @@ class MainJobConfig:
                 )
 
     @classmethod
+    def for_run(
+        cls, quick: bool = False, long: bool = False, families: tuple[str, ...] | None = None, seed: int = 0
+    ) -> MainJobConfig:
+        """The config of one `comm-vlm demo` run: `quick()`, `long()` or the default, with its families and seed.
+
+        Raises `ValueError` if both `quick` and `long` are set (one size at a time).
+        """
+        if quick and long:
+            raise ValueError("Pick one size: `quick` (the CI smoke run) or `long` (the combiner on REC), not both.")
+        config = cls.quick() if quick else cls.long() if long else cls()
+        if families:
+            config.families = tuple(families)
+        config.seed = seed
+        return config
+
+    @classmethod
     def long(cls) -> MainJobConfig:
         """The default job, except that the combiner also trains on REC: 32 latents (not 16), and a stage 2 of 2400
         steps (not 300) on the job's stage-2 mixture, REC weight included. About 6 minutes more (18 on 2 cores).
