@@ -71,6 +71,7 @@ def test_main_job_quick_runs_every_family_end_to_end(tmp_path, capsys):
     assert table.strip() in printed
     assert "| task | metric (x100) | comm | matryoshka_llava | adaptive_combiner | baseline |" in table
     assert "| vqa (colour) | VQA acc vs colour majority |" in table
+    assert "| vqa (attribute) | VQA acc vs per-type majority |" in table
     assert "| pope | Acc vs text-only prior |" in table
     assert (tmp_path / "results.json").exists()
 

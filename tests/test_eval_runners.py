@@ -178,6 +178,21 @@ def test_vqa_baseline_scores_each_question_type_against_its_own_majority_answer(
     assert baseline["accuracy"] == pytest.approx(4 / 12)  # "1", the most frequent answer overall
     assert baseline["per_question_type_prior"] == pytest.approx({"colour": 3 / 5, "shape": 2 / 3, "count": 1.0})
     assert baseline["accuracy_per_question_type_prior"] == pytest.approx(9 / 12)
+    # The attribute questions together (colour and shape), each against its own type's majority: 5 of 8.
+    assert baseline["per_question_group_prior"] == pytest.approx({"attribute": 5 / 8})
+
+
+def test_vqa_scores_the_attribute_questions_together_weighting_every_question_the_same():
+    def row(qtype, answer):
+        return {"answer": answer, "references": [answer] * 10, "question_type": qtype}
+
+    rows = [row("colour", "red")] * 3 + [row("shape", "circle")] + [row("count", "2")]
+    predictions = ["red", "red", "blue", "square", "2"]  # colour 2/3, shape 0/1, count 1/1
+    metrics = TASK_SPECS["vqa"].score(predictions, rows).metrics
+    assert metrics["per_question_type"] == pytest.approx({"colour": 2 / 3, "shape": 0.0, "count": 1.0})
+    assert metrics["per_question_group"] == pytest.approx({"attribute": 2 / 4})  # not the mean of 2/3 and 0
+    # Real VQA question types outside every group leave the groups out.
+    assert TASK_SPECS["vqa"].score(["2"], [row("what is the", "2")]).metrics["per_question_group"] == {}
 
 
 def test_pope_object_prior_answers_each_object_with_its_training_majority():

@@ -11,31 +11,43 @@ def bench(load_benchmark):
     return load_benchmark("main_job_seeds")
 
 
-def fake_results(rec: float, pope: float, colour: float, shape: float) -> dict:
-    """A results.json with one model whose baselines are REC chance 0.05 and majority answers 0.25 / 0.4."""
-    vqa_baseline = {"per_question_type_prior": {"colour": 0.25, "shape": 0.4}}
+def fake_results(rec: float, pope: float, colour: float, shape: float, attribute: float | None = None) -> dict:
+    """A results.json with one model whose baselines are REC chance 0.05 and majority answers 0.25 / 0.4 (colour /
+    shape; 0.3 for the attribute questions together). `attribute=None`: the model's attribute score is left out, as
+    in a results.json written before it existed."""
+    vqa_baseline = {"per_question_type_prior": {"colour": 0.25, "shape": 0.4}, "per_question_group_prior": {}}
+    vqa_metrics = {"per_question_type": {"colour": colour, "shape": shape}}
+    if attribute is not None:
+        vqa_baseline["per_question_group_prior"]["attribute"] = 0.3
+        vqa_metrics["per_question_group"] = {"attribute": attribute}
     evaluation = {
         "rec": {"metrics": {"accuracy": rec}, "baseline": {"accuracy": 0.05}},
         "pope": {"metrics": {"accuracy": pope}},
-        "vqa": {"metrics": {"per_question_type": {"colour": colour, "shape": shape}}, "baseline": vqa_baseline},
+        "vqa": {"metrics": vqa_metrics, "baseline": vqa_baseline},
     }
     return {"models": {"comm": {"eval": evaluation}}, "seconds": 1.0}
 
 
 def test_checks_meet_a_bar_at_or_above_it_only(bench):
     # Seed 0 sits exactly on every bar; seed 1 is just under each.
-    results = {0: fake_results(0.15, 0.75, 0.5, 0.8), 1: fake_results(0.149, 0.749, 0.499, 0.799)}
+    results = {0: fake_results(0.15, 0.75, 0.5, 0.8, 0.6), 1: fake_results(0.149, 0.749, 0.499, 0.799, 0.599)}
     rows = bench.check_rows(results)
-    assert [row["check"] for row in rows] == ["REC acc@0.5", "POPE acc", "VQA colour", "VQA shape"]
+    assert [row["check"] for row in rows] == ["REC acc@0.5", "POPE acc", "VQA attribute", "VQA colour", "VQA shape"]
     assert all(row["met"] == [0] for row in rows)
-    assert [round(row["bars"][0], 6) for row in rows] == [15.0, 75.0, 50.0, 80.0]
+    assert [round(row["bars"][0], 6) for row in rows] == [15.0, 75.0, 60.0, 50.0, 80.0]
     table = bench.markdown(rows, results)
     assert "| comm | REC acc@0.5 (3x chance) | 15.0 (1.00) | 14.9 (0.99) | 1 of 2 |" in table
+    assert "| comm | VQA attribute (2x per-type majority) | 60.0 (1.00) | 59.9 (1.00) | 1 of 2 |" in table
+
+
+def test_a_results_file_without_the_attribute_score_is_refused_with_what_to_do(bench):
+    with pytest.raises(ValueError, match="predates that metric: delete that seed's directory"):
+        bench.check_rows({0: fake_results(0.2, 0.9, 0.6, 0.9)})
 
 
 def test_quick_run_reuses_finished_seeds_and_writes_the_table_and_plot(bench, tmp_path, monkeypatch):
     (tmp_path / "seed5").mkdir()
-    (tmp_path / "seed5" / "results.json").write_text(json.dumps(fake_results(0.2, 0.9, 0.6, 0.9)))
+    (tmp_path / "seed5" / "results.json").write_text(json.dumps(fake_results(0.2, 0.9, 0.6, 0.9, 0.7)))
     argv = ["main_job_seeds.py", "--quick", "--families", "comm", "--seeds", "5", "1", "--output-dir", str(tmp_path)]
     monkeypatch.setattr(sys, "argv", argv)
     bench.main()

@@ -462,4 +462,9 @@ def results_table(results: dict) -> str:
             for qtype, prior in first[task]["baseline"].get("per_question_type_prior", {}).items():
                 cells = " | ".join(f"{100 * scores[qtype]:.1f}" for scores in per_type)
                 lines.append(f"| vqa ({qtype}) | VQA acc vs {qtype} majority | {cells} | {100 * prior:.1f} |")
+            # Groups of types (the attribute questions: colour and shape), each question against its type's majority.
+            per_group = [results["models"][f]["eval"][task]["metrics"].get("per_question_group", {}) for f in families]
+            for group, prior in first[task]["baseline"].get("per_question_group_prior", {}).items():
+                cells = " | ".join(f"{100 * scores[group]:.1f}" for scores in per_group)
+                lines.append(f"| vqa ({group}) | VQA acc vs per-type majority | {cells} | {100 * prior:.1f} |")
     return "\n".join(lines)

@@ -12,7 +12,9 @@ caption CIDEr-D, POPE accuracy / F1 / yes-ratio (mean over the random / popular 
 * REG / caption *majority*: the most frequent `answer` of the set (ties: alphabetical first), given for every sample.
 * POPE *majority*: the majority label for every question ("yes" on a tie): 50% accuracy on balanced POPE.
 * VQA *majority*: the most frequent answer of the set for every question (the VQA paper's "prior" baseline);
-  `accuracy_per_question_type_prior` gives the prior per `question_type` too.
+  `accuracy_per_question_type_prior` gives the prior per `question_type` too, and `per_question_group_prior` over each
+  `VQA_QUESTION_GROUPS` group (e.g. the synthetic scenes' attribute questions: colour and shape together), each
+  question answered with its own type's majority answer.
 
 Baselines use the evaluated set's own answer statistics: they are chance levels, not models. One baseline learns from
 a training split instead: `pope_object_prior`, a text-only POPE model that answers each question with the training
@@ -33,6 +35,9 @@ from .metrics import REC_IOU_THRESHOLD, cider_d, pope_metrics, rec_ious, resolve
 
 REC_CHANCE_MAX_PAIRS = 4_000_000
 REC_CHANCE_PARTNERS = 1000
+# Question types scored together as well as one by one: the attribute questions of the synthetic scenes (what colour
+# is the <shape>, what shape is the <colour> object). A group none of whose types occur is left out of the metrics.
+VQA_QUESTION_GROUPS: dict[str, tuple[str, ...]] = {"attribute": ("colour", "shape")}
 
 
 @dataclass
@@ -122,8 +127,19 @@ def _by_type(rows: Sequence[dict], values: Sequence[float]) -> dict[str, float]:
     return {name: sum(v) / len(v) for name, v in sorted(groups.items())}
 
 
+def _by_group(rows: Sequence[dict], values: Sequence[float]) -> dict[str, float]:
+    """Mean value over the rows of each `VQA_QUESTION_GROUPS` group (every question weighs the same)."""
+    means = {}
+    for name, types in VQA_QUESTION_GROUPS.items():
+        members = [value for row, value in zip(rows, values) if row.get("question_type") in types]
+        if members:
+            means[name] = sum(members) / len(members)
+    return means
+
+
 def score_vqa(predictions: Sequence[str], rows: Sequence[dict]) -> TaskScore:
-    """Official VQA accuracy against `references` (the human answers), overall and per `question_type`.
+    """Official VQA accuracy against `references` (the human answers), overall, per `question_type` and per
+    `VQA_QUESTION_GROUPS` group of question types.
 
     Args:
         predictions (`Sequence[str]`): generated answers.
@@ -133,6 +149,7 @@ def score_vqa(predictions: Sequence[str], rows: Sequence[dict]) -> TaskScore:
     metrics: dict[str, Any] = vqa_accuracy(predictions, references)
     scores = [vqa_score(p, r) for p, r in zip(predictions, references)]
     metrics["per_question_type"] = _by_type(rows, scores)
+    metrics["per_question_group"] = _by_group(rows, scores)
     return TaskScore(metrics, [s >= 1.0 for s in scores], scores)
 
 
@@ -232,6 +249,8 @@ def baseline_vqa(rows: Sequence[dict]) -> dict[str, Any]:
     metrics["accuracy_per_question_type_prior"] = prior_scores["accuracy"]
     # Each question type against its own majority answer (e.g. "red" for colour questions): the attribute baseline.
     metrics["per_question_type_prior"] = prior_scores.get("per_question_type", {})
+    # A group of types (e.g. colour and shape: the attribute questions) against the same per-type answers.
+    metrics["per_question_group_prior"] = prior_scores.get("per_question_group", {})
     return {"name": f"majority answer {constant!r}", **metrics}
 
 
@@ -273,6 +292,7 @@ __all__ = [
     "TASK_SPECS",
     "TaskScore",
     "TaskSpec",
+    "VQA_QUESTION_GROUPS",
     "baseline_cider",
     "baseline_pope",
     "baseline_rec",
