@@ -13,7 +13,7 @@ order) and checks every model against the bars:
 
 Colour and shape are also checked one by one against the same 2x, for information. Shape is the harder of the two
 readings: the scenes draw three shapes 5:4:3, so "circle" answers about 42% of a test split's shape questions
-(37-49% over seeds 0-2), and 2x asks for 74-97% accuracy on a three-way question.
+(37-49% over seeds 0-3), and 2x asks for 74-97% accuracy on a three-way question.
 
 A seed whose `<output-dir>/seed<k>/results.json` exists is read, not run again (so `comm-vlm demo --seed k
 --output-dir <output-dir>/seed<k>` runs count too). Writes `main_job_seeds.md` (value per seed, ratio to the bar,
