@@ -457,14 +457,13 @@ def results_table(results: dict) -> str:
                 cells = " | ".join(f"{100 * score['accuracy']:.1f}" for score in scores)
                 baseline = 100 * prior["settings"][setting]["accuracy"]
                 lines.append(f"| pope ({setting}) | Acc vs text-only prior | {cells} | {baseline:.1f} |")
-        if task == "vqa":  # per question type, against that type's majority answer (the attribute baselines)
-            per_type = [results["models"][f]["eval"][task]["metrics"]["per_question_type"] for f in families]
-            for qtype, prior in first[task]["baseline"].get("per_question_type_prior", {}).items():
-                cells = " | ".join(f"{100 * scores[qtype]:.1f}" for scores in per_type)
-                lines.append(f"| vqa ({qtype}) | VQA acc vs {qtype} majority | {cells} | {100 * prior:.1f} |")
-            # Groups of types (the attribute questions: colour and shape), each question against its type's majority.
-            per_group = [results["models"][f]["eval"][task]["metrics"].get("per_question_group", {}) for f in families]
-            for group, prior in first[task]["baseline"].get("per_question_group_prior", {}).items():
-                cells = " | ".join(f"{100 * scores[group]:.1f}" for scores in per_group)
-                lines.append(f"| vqa ({group}) | VQA acc vs per-type majority | {cells} | {100 * prior:.1f} |")
+        if task == "vqa":
+            # Per question type against that type's majority answer, then per group of types (the attribute
+            # questions: colour and shape) with each question against its own type's majority answer.
+            for key, versus in (("per_question_type", "{} majority"), ("per_question_group", "per-type majority")):
+                scores = [results["models"][f]["eval"][task]["metrics"].get(key, {}) for f in families]
+                for name, prior in first[task]["baseline"].get(f"{key}_prior", {}).items():
+                    cells = " | ".join(f"{100 * model[name]:.1f}" for model in scores)
+                    label = versus.format(name)
+                    lines.append(f"| vqa ({name}) | VQA acc vs {label} | {cells} | {100 * prior:.1f} |")
     return "\n".join(lines)
