@@ -3,10 +3,12 @@
 import json
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
+from datasets import Dataset
 from PIL import Image
 from transformers import AutoModelForImageTextToText, TrainerCallback
 
@@ -227,6 +229,37 @@ def test_bad_samples_are_skipped_and_counted(messy_llava):
         "image placeholder count mismatch": 1,
     }
     assert "4 of 5 samples skipped" in str(report)
+
+
+def test_each_image_path_is_decoded_once_and_its_outcome_shared(messy_llava, monkeypatch):
+    from comm_vlm.training import data
+
+    dataset = load_source(messy_llava, "llava", image_folder=messy_llava.parent)
+    # Twice the rows over the same three image paths (good, missing, corrupt).
+    rows = [dict(row) for row in dataset] * 2
+    decoded = Counter()
+    real = data.load_image
+
+    def counting(image):
+        decoded[image if isinstance(image, str) else "in-memory"] += 1
+        return real(image)
+
+    monkeypatch.setattr(data, "load_image", counting)
+    kept, report = validate_samples(Dataset.from_list(rows))
+    assert (report.total, report.kept) == (10, 2)
+    assert report.reasons == {
+        "missing image": 2,
+        "corrupt image": 2,
+        "no assistant turn": 2,
+        "image placeholder count mismatch": 2,
+    }
+    assert sorted(decoded.values()) == [1, 1, 1] and len(decoded) == 3
+    # A cache passed in is filled and reused: a second dataset over the same files decodes nothing.
+    checked: dict = {}
+    validate_samples(Dataset.from_list(rows), checked=checked)
+    decoded.clear()
+    validate_samples(Dataset.from_list(rows), checked=checked)
+    assert not decoded and set(checked.values()) == {None, "missing image", "corrupt image"}
 
 
 def test_mixture_validates_each_source_once_and_never_draws_a_bad_row(messy_llava, tmp_path):

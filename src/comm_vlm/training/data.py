@@ -131,8 +131,34 @@ class SkipReport:
         return f"{self.skipped} of {self.total} samples skipped ({detail})"
 
 
-def sample_problem(row: dict) -> str | None:
-    """Why a row cannot be trained on, or None: image missing/corrupt, no assistant turn, placeholder mismatch."""
+def image_problem(image: Any, checked: dict[str, str | None] | None = None) -> str | None:
+    """Why an image cannot be loaded (`"missing image"`, `"corrupt image"`), or None.
+
+    Args:
+        image: a path, URL or in-memory image, as a row's `images` entry holds it.
+        checked (`dict`, *optional*): outcomes by path, filled and read here, so that a path shared by many rows (one
+            image, many questions) is decoded once. In-memory images are always checked.
+    """
+    key = os.fspath(image) if isinstance(image, (str, os.PathLike)) else None
+    if checked is not None and key is not None and key in checked:
+        return checked[key]
+    try:
+        load_image(image)
+        problem = None
+    except FileNotFoundError:
+        problem = "missing image"
+    except (ValueError, OSError):
+        problem = "corrupt image"
+    if checked is not None and key is not None:
+        checked[key] = problem
+    return problem
+
+
+def sample_problem(row: dict, checked: dict[str, str | None] | None = None) -> str | None:
+    """Why a row cannot be trained on, or None: image missing/corrupt, no assistant turn, placeholder mismatch.
+
+    `checked` is `image_problem`'s cache of outcomes by image path.
+    """
     messages = row.get("messages") or []
     if not any(m.get("role") == "assistant" and m.get("content") for m in messages):
         return "no assistant turn"
@@ -142,23 +168,20 @@ def sample_problem(row: dict) -> str | None:
     images = row.get("images") or []
     if placeholders != len(images):
         return "image placeholder count mismatch"
-    for image in images:
-        try:
-            load_image(image)
-        except FileNotFoundError:
-            return "missing image"
-        except (ValueError, OSError):
-            return "corrupt image"
-    return None
+    return next((problem for image in images if (problem := image_problem(image, checked))), None)
 
 
-def validate_samples(dataset: Dataset, num_proc: int | None = None) -> tuple[Dataset, SkipReport]:
+def validate_samples(
+    dataset: Dataset, num_proc: int | None = None, checked: dict[str, str | None] | None = None
+) -> tuple[Dataset, SkipReport]:
     """Drops unusable rows (see `sample_problem`), counting them. Raises if no row is usable.
 
-    Every image is decoded once here, so a long run never meets a bad file mid-way.
+    Every image path is decoded once here (rows that share an image share the outcome), so a long run never meets a
+    bad file mid-way. `checked` (outcomes by path) can be passed to share them between datasets over the same images.
     """
+    checked = {} if checked is None else checked
     problems = dataset.map(
-        lambda row: {"_problem": sample_problem(row) or ""}, num_proc=num_proc, desc="Checking samples"
+        lambda row: {"_problem": sample_problem(row, checked) or ""}, num_proc=num_proc, desc="Checking samples"
     )["_problem"]
     report = SkipReport(total=len(problems), kept=sum(1 for p in problems if not p))
     report.reasons.update(p for p in problems if p)
@@ -193,10 +216,10 @@ def build_dataset(spec: dict[str, Any], seed: int = 0) -> tuple[Dataset, SkipRep
     """
     if "mixture" not in spec:
         return validate_samples(load_source(spec["path"], spec.get("format", "llava"), spec.get("image_folder")))
-    sources, report = [], SkipReport()
+    sources, report, checked = [], SkipReport(), {}
     for source in spec["mixture"]:
         rows, source_report = validate_samples(
-            load_source(source["path"], source.get("format", "llava"), source.get("image_folder"))
+            load_source(source["path"], source.get("format", "llava"), source.get("image_folder")), checked=checked
         )
         sources.append(rows)
         report.total += source_report.total
@@ -208,6 +231,7 @@ def build_dataset(spec: dict[str, Any], seed: int = 0) -> tuple[Dataset, SkipRep
 __all__ = [
     "SkipReport",
     "build_dataset",
+    "image_problem",
     "llava_to_messages",
     "load_source",
     "mix_datasets",
