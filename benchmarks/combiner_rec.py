@@ -10,10 +10,15 @@ with (stop 14): the Vicuna system prompt in the chat template, 16 latents (`RECO
 Every `--eval-every` stage-2 steps it scores REC (acc@0.5 and mean IoU) on the held-out split; at the end REC, POPE
 and VQA per question type.
 
-Writes `combiner_rec.md` and `combiner_rec.png` (REC acc@0.5 vs stage-2 steps) to `--output-dir`.
+Writes `<name>.md` and `<name>.png` (REC acc@0.5 vs stage-2 steps; `--name`, default `combiner_rec`) to
+`--output-dir`. `--settings current` trains with today's main-job settings instead (`MainJobConfig()`: no system
+prompt, the 1200-step encoder warm-up), the same 16 latents and REC-weighted stage 2, for `--stage2-steps` steps.
 
     PYTHONPATH=src python benchmarks/combiner_rec.py            # about 17 minutes on 2 cores
     PYTHONPATH=src python benchmarks/combiner_rec.py --quick    # smoke run, seconds
+    # the paper's spatial resampling against latents, today's settings (stop 18; 18 minutes on a slower machine):
+    PYTHONPATH=src python benchmarks/combiner_rec.py --settings current --stage2-steps 1200 --eval-every 300 \
+        --seed 1 --variants "spatial resampling" "image position codes (the default)" --name combiner_rec_spatial
 """
 
 from __future__ import annotations
@@ -60,6 +65,8 @@ RECORDED = {
 VARIANTS: dict[str, dict] = {
     "image position codes (the default)": {},
     "no image position codes (eq. 2's input)": {"combiner_image_positions": False},
+    # The paper's alternative to latents: the 8x8 patch grid average-pooled to 4x4 tokens (position codes added first).
+    "spatial resampling": {"combiner_resampling": "spatial"},
 }
 
 
@@ -105,7 +112,7 @@ def run_variant(name: str, config: MainJobConfig, data_paths, encoders, test, ev
     }
 
 
-def write_report(results: dict, output_dir: Path) -> str:
+def write_report(results: dict, output_dir: Path, stem: str = "combiner_rec") -> str:
     first = next(iter(results.values()))
     steps = "+".join(str(s) for s in first["steps"])
     lines = [
@@ -125,7 +132,7 @@ def write_report(results: dict, output_dir: Path) -> str:
         f"\nChance (the REC baseline): {100 * first['chance']:.1f}; the issue's bar (3x): {300 * first['chance']:.1f}."
     )
     table = "\n".join(lines)
-    (output_dir / "combiner_rec.md").write_text(table + "\n")
+    (output_dir / f"{stem}.md").write_text(table + "\n")
     figure, axis = plt.subplots(figsize=(7, 4))
     for name, row in results.items():
         axis.plot([p[0] for p in row["curve"]], [100 * p[1] for p in row["curve"]], marker="o", label=name)
@@ -136,7 +143,7 @@ def write_report(results: dict, output_dir: Path) -> str:
     axis.set_title("Adaptive combiner (16 fused tokens): REC on the held-out scenes")
     axis.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(output_dir / "combiner_rec.png", dpi=120)
+    figure.savefig(output_dir / f"{stem}.png", dpi=120)
     plt.close(figure)
     return table
 
@@ -147,11 +154,26 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=400, help="stage-2 steps between REC scores")
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--quick", action="store_true", help="tiny sizes and a few steps (a smoke run)")
+    parser.add_argument(
+        "--settings",
+        choices=("recorded", "current"),
+        default="recorded",
+        help="recorded: the stop-14 job (system prompt, 600 warm-up steps); current: today's MainJobConfig()",
+    )
+    parser.add_argument("--stage2-steps", type=int, default=2400, help="REC-weighted stage-2 steps")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--name", default="combiner_rec", help="stem of the .md and .png written")
     options = parser.parse_args()
+    steps = {"adaptive_combiner": (RECORDED["family_stage_steps"]["adaptive_combiner"][0], options.stage2_steps)}
     if options.quick:
         config, every = replace(MainJobConfig.quick(), **{**RECORDED, "family_stage_steps": {}}), 2
+    elif options.settings == "current":
+        config = replace(MainJobConfig(), family_stage_steps=steps, family_plans=RECORDED["family_plans"])
+        every = options.eval_every
     else:
-        config, every = replace(MainJobConfig(warmup_steps=600), **RECORDED), options.eval_every
+        config = replace(MainJobConfig(warmup_steps=600), **{**RECORDED, "family_stage_steps": steps})
+        every = options.eval_every
+    config.seed = options.seed
     output_dir = Path(options.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -163,7 +185,7 @@ def main() -> None:
         for k, name in enumerate(options.variants):
             results[name] = run_variant(name, config, data_paths, encoders, test, every, work / f"variant{k}")
             print(name, {key: value for key, value in results[name].items() if key != "curve"}, flush=True)
-    print(write_report(results, output_dir))
+    print(write_report(results, output_dir, options.name))
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 
 * `metrics`: REC accuracy at IoU >= 0.5, CIDEr-D (as coco-caption), POPE accuracy/precision/recall/F1/yes-ratio,
   official VQA accuracy (COMM, Jiang et al. 2023; Shikra; POPE; VQAv2).
-* `synthetic`: deterministic coloured-shape scenes with REC, REG, POPE, VQA and caption rows in TRL's conversational
-  format.
+* `scenes` and `synthetic`: deterministic coloured-shape scenes, and their REC, REG, POPE, VQA and caption rows in
+  TRL's conversational format.
 * `tasks`: the task registry (metric, generation length, baseline per task).
 * `runners`: `evaluate` (one model) and `evaluate_matryoshka` (every M3 scale, oracle analysis, accuracy-vs-tokens
   plot).

@@ -29,7 +29,7 @@ def patch_labels(
         colour and shape class (0 = background), each `(grid * grid,)`, and the normalised box `(x1, y1, x2, y2)` of
         the object under each patch, `(grid * grid, 4)` (zeros on background).
     """
-    from ..evaluation.synthetic import _draw_shape
+    from ..evaluation.scenes import _draw_shape
 
     colour_ids = torch.zeros(grid * grid, dtype=torch.long)
     shape_ids = torch.zeros(grid * grid, dtype=torch.long)
@@ -67,7 +67,7 @@ def warm_up_encoders(
     Returns:
         per encoder prefix, the category accuracy over the object patches of the last batch.
     """
-    from ..evaluation.synthetic import COLOURS, SHAPES
+    from ..evaluation.scenes import COLOURS, SHAPES
 
     colours, shapes = list(COLOURS), list(SHAPES)
     pixel_values = image_processor([s.render() for s in scenes], return_tensors="pt").pixel_values
