@@ -50,6 +50,10 @@ def test_main_job_quick_runs_every_family_end_to_end(tmp_path, capsys):
     printed = capsys.readouterr().out
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["encoder_warmup"]) == {"vision", "secondary_vision"}
+    # Where the time went: the warm-up and each family, all within the job's wall time.
+    parts = [results["encoder_warmup_seconds"]] + [r["seconds"] for r in results["models"].values()]
+    assert all(part > 0 for part in parts) and sum(parts) <= results["seconds"]
+    assert f"{results['encoder_warmup_seconds']} s\n" in printed
     shared = load_file(tmp_path / "encoders" / "model.safetensors")
     assert list(results["models"]) == list(FAMILIES)
     for family, result in results["models"].items():

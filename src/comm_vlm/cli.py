@@ -182,7 +182,10 @@ def _main_job(args: argparse.Namespace) -> int:
         "shared by every model and frozen as in the papers' recipes.\n"
     )
     results = run_main_job(args.output_dir, config)
-    sys.stdout.write(f"encoder warm-up, category accuracy on object patches: {results['encoder_warmup']}\n")
+    sys.stdout.write(
+        f"encoder warm-up, category accuracy on object patches: {results['encoder_warmup']}, "
+        f"{results['encoder_warmup_seconds']} s\n"
+    )
     for family, result in results["models"].items():
         served = result["served"]
         sys.stdout.write(

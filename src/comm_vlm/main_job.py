@@ -390,8 +390,14 @@ def run_main_job(output_dir: str | Path, config: MainJobConfig | None = None) ->
     output_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     splits, data_paths = prepare_training_data(config, output_dir)
+    warmup_start = time.perf_counter()
     encoders, warmup = pretrain_encoders(config, output_dir / "encoders")
-    results: dict[str, Any] = {"config": asdict(config), "encoder_warmup": warmup, "models": {}}
+    results: dict[str, Any] = {
+        "config": asdict(config),
+        "encoder_warmup": warmup,
+        "encoder_warmup_seconds": round(time.perf_counter() - warmup_start, 1),
+        "models": {},
+    }
     for family in config.families:
         family_start = time.perf_counter()
         family_dir = output_dir / family
