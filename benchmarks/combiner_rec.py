@@ -165,14 +165,13 @@ def main() -> None:
     parser.add_argument("--name", default="combiner_rec", help="stem of the .md and .png written")
     options = parser.parse_args()
     steps = {"adaptive_combiner": (RECORDED["family_stage_steps"]["adaptive_combiner"][0], options.stage2_steps)}
+    every = 2 if options.quick else options.eval_every
     if options.quick:
-        config, every = replace(MainJobConfig.quick(), **{**RECORDED, "family_stage_steps": {}}), 2
+        config = replace(MainJobConfig.quick(), **{**RECORDED, "family_stage_steps": {}})
     elif options.settings == "current":
         config = replace(MainJobConfig(), family_stage_steps=steps, family_plans=RECORDED["family_plans"])
-        every = options.eval_every
     else:
         config = replace(MainJobConfig(warmup_steps=600), **{**RECORDED, "family_stage_steps": steps})
-        every = options.eval_every
     config.seed = options.seed
     output_dir = Path(options.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

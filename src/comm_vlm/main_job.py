@@ -71,7 +71,7 @@ PLAN_KEYS = set().union(*FAMILIES.values())
 
 @dataclass
 class MainJobConfig:
-    """Sizes of the main job (defaults: the full run, 12.5-15 minutes on 2 cores of the stop-16/17 machine and 24 on
+    """Sizes of the main job (defaults: the full run, 12.5-15 minutes on 2 cores of the stop-16/17 machine and 17-24 on
     stop 18's slower one; `quick()`: the CI smoke run)."""
 
     train_scenes: int = 600
