@@ -7,11 +7,11 @@
     comm-vlm convert --from {llava-hf,llava-original} SRC DST [--to comm|matryoshka_llava] [--vision-tower P]
     comm-vlm push SRC REPO_ID [--card CARD.json] [--recipe NAME] [--max-shard-size 5GB] [--local-dir DIR]
 
-`demo` is the main job (`comm_vlm.main_job`): tiny COMM, Matryoshka-LLaVA and adaptive-combiner models trained
-through both stages on synthetic scenes, evaluated on the papers' metrics against chance/majority baselines, saved,
-reloaded and served; `--quick` is the CI-sized run, `--long` the run where the combiner also trains on REC (about 18
-minutes), `--families` a subset (in order; M3 needs COMM before it). `layer-study` is COMM's layer study
-(`comm_vlm.layer_study`): one frozen tiny CLIP read at each single layer or merged over all layers (MFM), each
+`demo` is the main job (`comm_vlm.main_job`): tiny COMM, Matryoshka-LLaVA and adaptive-combiner models trained through
+both stages on synthetic scenes, evaluated on the papers' metrics against chance/majority baselines, saved, reloaded
+and served; `--quick` is the CI-sized run, `--long` the run where the combiner also trains on REC (about 6 minutes
+more, 8-9 on slower CPUs), `--families` a subset (in order; M3 needs COMM before it). `layer-study` is COMM's layer
+study (`comm_vlm.layer_study`): one frozen tiny CLIP read at each single layer or merged over all layers (MFM), each
 variant trained with the main job's COMM recipe and scored on REC and POPE (table, JSON and plot). `plumbing` builds a
 tiny random COMM and its processor, saves them with `save_pretrained` (safetensors), reloads with the Auto classes,
 checks the reload is exact, and answers a chat prompt about a generated image through `pipeline("image-text-to-text")`
@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument(
         "--long",
         action="store_true",
-        help="the combiner also trains on REC: 32 latents, 2400 REC-weighted stage-2 steps (~18 minutes)",
+        help="the combiner also trains on REC: 32 latents, 2400 REC-weighted stage-2 steps (~6-9 minutes more)",
     )
     demo.add_argument(
         "--families", nargs="+", help="families to train, in order (default: comm matryoshka_llava adaptive_combiner)"

@@ -166,11 +166,13 @@ class MainJobConfig:
     @classmethod
     def long(cls) -> MainJobConfig:
         """The default job, except that the combiner also trains on REC: 32 latents (not 16), and a stage 2 of 2400
-        steps (not 300) on the job's stage-2 mixture, REC weight included. About 6 minutes more (18 on 2 cores).
+        steps (not 300) on the job's stage-2 mixture, REC weight included. About 6 minutes more on the stop-16/17
+        machine, 8-9 on stop 19's slower one (`benchmarks/main_job/long_combiner_stop19.md`).
 
         With 16 latents the same schedule gave REC 9.6 in one run and 3.3 (colour 1.6x majority) in another (without
         the system prompt, one thread); with 32 latents it gave 10.5 and 22.6 in two runs, and 7.1 (under 3x chance)
-        with the 1200-step encoder warm-up.
+        with the 1200-step encoder warm-up. On stop 19's machine it gave 25.1 at seed 0 and 3.2 at seed 1: the
+        combiner's REC bar is met in some runs, not reliably.
         """
         config = cls()
         stage_1 = config.family_stage_steps["adaptive_combiner"][0]
