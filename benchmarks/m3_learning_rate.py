@@ -45,7 +45,7 @@ from comm_vlm.training.recipes import run_recipe  # noqa: E402
 
 # The components of the `m3_finetune` stage that train at the job's learning rate (the vision towers have their own).
 COMPONENTS = ("merges", "aligners", "projector", "llm")
-# (label, reader) of the checks reported: the first three bars of `main_job_seeds.CHECKS`.
+# (label, bar, reader) of the checks reported: the three bars, the first entries of `main_job_seeds.CHECKS`.
 REPORTED = CHECKS[:3]
 
 
@@ -55,6 +55,11 @@ def trained_comm(config: MainJobConfig, seed_dir: Path) -> str:
     results = (
         json.loads(path.read_text()) if path.exists() else run_main_job(seed_dir, replace(config, families=("comm",)))
     )
+    if "comm" not in results["models"]:
+        raise ValueError(
+            f"{path} has no trained COMM (models: {sorted(results['models'])}): point --output-dir at runs that "
+            "trained COMM, or at a folder without this seed, where COMM is trained first."
+        )
     return results["models"]["comm"]["final_dir"]
 
 

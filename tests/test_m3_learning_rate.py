@@ -52,3 +52,9 @@ def test_quick_run_trains_comm_once_then_m3_at_each_rate(bench, tmp_path, monkey
 
     # The rate reaches the LLM's optimizer group: same seed, data and steps, a tenth of the rate, a smaller change.
     assert 0 < llm_change("0.1") < 0.5 * llm_change("1")
+
+
+def test_a_seed_run_without_comm_is_refused_with_what_to_do(bench, tmp_path):
+    (tmp_path / "results.json").write_text(json.dumps({"models": {"adaptive_combiner": {}}}))
+    with pytest.raises(ValueError, match=r"has no trained COMM \(models: \['adaptive_combiner'\]\): point"):
+        bench.trained_comm(bench.MainJobConfig.quick(), tmp_path)
