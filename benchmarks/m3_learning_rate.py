@@ -20,7 +20,7 @@ Writes `m3_learning_rate.md` (per seed and rate: the full scale against the bars
 from __future__ import annotations
 
 import argparse
-import json
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,7 +29,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from main_job_seeds import CHECKS  # noqa: E402
+from main_job_seeds import CHECKS, seed_results  # noqa: E402
 from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E402
 
 from comm_vlm.evaluation.runners import evaluate_matryoshka  # noqa: E402
@@ -38,7 +38,6 @@ from comm_vlm.main_job import (  # noqa: E402
     derive_family_model,
     family_recipe,
     prepare_training_data,
-    run_main_job,
 )
 from comm_vlm.training.recipes import run_recipe  # noqa: E402
 
@@ -49,13 +48,12 @@ COMPONENTS = ("merges", "aligners", "projector", "llm")
 REPORTED = CHECKS[:3]
 
 
-def trained_comm(config: MainJobConfig, seed_dir: Path) -> str:
-    """The final checkpoint directory of the seed's trained COMM, training COMM alone if the seed has no run."""
-    path = seed_dir / "results.json"
-    results = (
-        json.loads(path.read_text()) if path.exists() else run_main_job(seed_dir, replace(config, families=("comm",)))
-    )
+def trained_comm(config: MainJobConfig, output_dir: Path) -> str:
+    """The final checkpoint directory of the seed's trained COMM (`main_job_seeds.seed_results`: the run in
+    `<output_dir>/seed<k>`, or COMM alone trained there if the seed has no run)."""
+    results = seed_results(replace(config, families=("comm",)), output_dir)
     if "comm" not in results["models"]:
+        path = output_dir / f"seed{config.seed}" / "results.json"
         raise ValueError(
             f"{path} has no trained COMM (models: {sorted(results['models'])}): point --output-dir at runs that "
             "trained COMM, or at a folder without this seed, where COMM is trained first."
@@ -93,14 +91,13 @@ def markdown(results: dict[int, dict[float, dict]]) -> str:
         + " |",
         "|---:|---:|" + "---:|" * (2 * len(labels)),
     ]
-    met = {}
+    met = Counter()
     for seed, per_rate in results.items():
         for rate, per_tokens in per_rate.items():
             cells = []
             for label in labels:
                 value, bar = per_tokens[full][label]
                 cells.append(f"{100 * value:.1f} ({value / bar:.2f})")
-                met.setdefault((rate, label), 0)
                 met[(rate, label)] += value >= bar - 1e-9
             cells += [f"{100 * per_tokens[16.0][label][0]:.1f}" if 16.0 in per_tokens else "-" for label in labels]
             lines.append(f"| {seed} | {rate:g} | " + " | ".join(cells) + " |")
@@ -142,8 +139,7 @@ def main() -> None:
     results: dict[int, dict[float, dict]] = {}
     for seed in args.seeds:
         config = replace(MainJobConfig.quick() if args.quick else MainJobConfig(), seed=seed)
-        seed_dir = output_dir / f"seed{seed}"
-        source = trained_comm(config, seed_dir)
+        source = trained_comm(config, output_dir)
         splits, data_paths = prepare_training_data(config, output_dir / f"m3_seed{seed}")
         results[seed] = {
             rate: finetune(

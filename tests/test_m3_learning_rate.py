@@ -55,6 +55,9 @@ def test_quick_run_trains_comm_once_then_m3_at_each_rate(bench, tmp_path, monkey
 
 
 def test_a_seed_run_without_comm_is_refused_with_what_to_do(bench, tmp_path):
-    (tmp_path / "results.json").write_text(json.dumps({"models": {"adaptive_combiner": {}}}))
-    with pytest.raises(ValueError, match=r"has no trained COMM \(models: \['adaptive_combiner'\]\): point"):
+    (tmp_path / "seed0").mkdir()
+    (tmp_path / "seed0" / "results.json").write_text(json.dumps({"models": {"adaptive_combiner": {}}}))
+    with pytest.raises(
+        ValueError, match=r"seed0/results.json has no trained COMM \(models: \['adaptive_combiner'\]\): point"
+    ):
         bench.trained_comm(bench.MainJobConfig.quick(), tmp_path)
