@@ -219,8 +219,10 @@ def _draw_scene(rng: random.Random, scene_id: str, config: SyntheticConfig) -> S
     return Scene(scene_id, side, side, tuple(objects), tuple(config.background))
 
 
-def _rng(seed: int, split: str) -> random.Random:
-    return random.Random(f"comm-vlm-synthetic/{seed}/{split}")
+def random_stream(seed: int, name: str) -> random.Random:
+    """The generator's random stream `name` (a split, or e.g. `"test/questions"`) for `seed`: independent of every
+    other stream, and the same on every machine and Python version (string seeds hash with SHA-512)."""
+    return random.Random(f"comm-vlm-synthetic/{seed}/{name}")
 
 
 def generate_scenes(
@@ -242,7 +244,7 @@ def generate_scenes(
     if num_scenes < 0:
         raise ValueError(f"num_scenes must be >= 0, got {num_scenes}.")
     config = config or SyntheticConfig()
-    rng = _rng(seed, split)
+    rng = random_stream(seed, split)
     scenes: list[Scene] = []
     while len(scenes) < num_scenes:
         scene = _draw_scene(rng, f"{split}-{seed}-{len(scenes):06d}", config)
@@ -261,4 +263,5 @@ __all__ = [
     "SceneObject",
     "SyntheticConfig",
     "generate_scenes",
+    "random_stream",
 ]

@@ -61,8 +61,8 @@ from .scenes import (
     Scene,
     SceneObject,
     SyntheticConfig,
-    _rng,
     generate_scenes,
+    random_stream,
 )
 
 
@@ -267,7 +267,7 @@ def build_rows(
     """
     tasks = _check_tasks(tasks)
     config = config or SyntheticConfig()
-    rng = _rng(seed, f"{split}/questions")
+    rng = random_stream(seed, f"{split}/questions")
     stats = _SplitStats.of(scenes)
     if image_dir is not None:
         Path(image_dir).mkdir(parents=True, exist_ok=True)
