@@ -17,7 +17,7 @@ bar, and each split's majority rates) and `held_out_size.png` (value/bar on the 
 `--output-dir`.
 
     PYTHONPATH=src python benchmarks/held_out_size.py --runs-dir DIR --seeds 0 1 2 3 --test-scenes 500
-    PYTHONPATH=src python benchmarks/held_out_size.py --quick   # smoke run on a --quick job, seconds
+    PYTHONPATH=src python benchmarks/held_out_size.py --quick   # smoke run on a --quick job, under a minute
 """
 
 from __future__ import annotations
@@ -122,31 +122,38 @@ def markdown(scores: dict[int, dict], sizes: tuple[int, int]) -> str:
     return "\n".join(lines)
 
 
-def plot(scores: dict[int, dict], sizes: tuple[int, int], path: Path) -> None:
+def plot(scores: dict[int, dict], sizes: tuple[int, int], path: Path, limit: float = 1.6) -> None:
+    """value / bar on the job's split (x) against the larger split (y), one panel per model, one dot per seed and
+    check; ratios above `limit` (REC's, mostly) are drawn at the edge as triangles, so the bars' region stays
+    legible."""
     small, large = sizes
     seeds = list(scores)
     families = list(scores[seeds[0]][small]["families"])
-    fig, axes = plt.subplots(1, len(families), figsize=(4.2 * len(families), 4.0), squeeze=False)
+    fig, axes = plt.subplots(1, len(families), figsize=(4.2 * len(families), 4.2), squeeze=False)
     for ax, family in zip(axes[0], families):
         for k, (label, _, _) in enumerate(REPORTED):
-            points = []
+            ax.plot([], [], "o", color=f"C{k}", label=label)
             for seed in seeds:
                 ratios = []
                 for size in sizes:
                     value, bar = scores[seed][size]["families"][family][label]
                     ratios.append(value / bar if bar else float("nan"))
-                points.append(ratios)
-            xs, ys = zip(*points)
-            ax.plot(xs, ys, "o", color=f"C{k}", alpha=0.8, label=label)
-        low, high = ax.get_xlim()
-        ax.plot([0, max(high, 1.5)], [0, max(high, 1.5)], color="grey", linewidth=0.8)
+                clipped = any(r > limit for r in ratios)
+                x, y = (min(r, limit) for r in ratios)
+                ax.plot(x, y, "^" if clipped else "o", color=f"C{k}", alpha=0.8)
+        ax.plot([0, limit], [0, limit], color="grey", linewidth=0.8)
         ax.axvline(1.0, color="black", linestyle="--", linewidth=0.8)
         ax.axhline(1.0, color="black", linestyle="--", linewidth=0.8)
+        ax.set_xlim(0, limit * 1.03)
+        ax.set_ylim(0, limit * 1.03)
         ax.set_title(family, fontsize=9)
         ax.set_xlabel(f"value / bar, the job's {small} scenes")
         ax.set_ylabel(f"value / bar, {large} scenes")
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle("Main-job checks on its own held-out split vs a larger one (one dot per seed)", fontsize=10)
+    axes[0][0].legend(fontsize=7, loc="lower right")
+    fig.suptitle(
+        f"Main-job checks on its own held-out split vs a larger one (one dot per seed; triangles: ratio > {limit})",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
