@@ -149,8 +149,8 @@ def main() -> None:
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--quick", action="store_true", help="tiny sizes and 3 steps (a smoke run)")
     options = parser.parse_args()
-    # As recorded: LLaVA-1.5's template and the 600-step encoder warm-up.
-    config = MainJobConfig.quick() if options.quick else MainJobConfig(warmup_steps=600)
+    # As recorded: LLaVA-1.5's template, the 600-step encoder warm-up and VQA on the 100 held-out scenes.
+    config = MainJobConfig.quick() if options.quick else MainJobConfig(warmup_steps=600, vqa_test_scenes=100)
     config = replace(config, system_prompt=VICUNA_SYSTEM_PROMPT)
     steps = 3 if options.quick else options.steps
     output_dir = Path(options.output_dir)

@@ -1,20 +1,22 @@
 """How much of the main job's pass/fail against its bars is the size of its held-out split (issue #7)?
 
 The main job (`comm_vlm.main_job`: tiny COMM, Jiang et al. 2023, arXiv 2310.08825; Matryoshka-LLaVA, Cai et al. 2024,
-arXiv 2405.17430; the adaptive combiner, Piergiovanni and Angelova 2023, arXiv 2305.19924) scores each model on 100
-held-out scenes. The attribute-VQA bar is 2x answering each question with its type's majority answer *in that split*;
-with 100 scenes "circle" answers 37-49% of the shape questions depending on the seed (the generator draws circles,
-squares and triangles 5:4:3, i.e. 41.7%), so the bar itself moves by seed, on top of the models' own sampling error.
+arXiv 2405.17430; the adaptive combiner, Piergiovanni and Angelova 2023, arXiv 2305.19924) scored every task on 100
+held-out scenes until stop 20. The attribute-VQA bar is 2x answering each question with its type's majority answer *in
+that split*; with 100 scenes "circle" answers 37-49% of the shape questions depending on the seed (the generator draws
+circles, squares and triangles 5:4:3, i.e. 41.7%), so the bar itself moves by seed, on top of the models' own sampling
+error. What this script measured (`benchmarks/main_job/held_out_size.md`) is why the job now scores VQA on 500 scenes
+(`MainJobConfig.vqa_test_scenes`).
 
 This script takes finished main-job runs (`<runs-dir>/seed<k>/results.json`, e.g. from `comm-vlm demo --seed k` or
 `benchmarks/main_job_seeds.py`), draws a larger held-out split from the same seed (`--test-scenes`), and scores every
-saved model on both: the job's split, which reproduces the recorded numbers, and the larger one. Scenes are drawn in
-sequence and kept disjoint from the same training scenes, so the larger split's first 100 scenes and their questions
-are the job's own, except POPE's popular and adversarial negatives, which follow the split's own object frequencies (as
-POPE draws them from its dataset's). Nothing is trained. M3 is scored at its full scale, where the bars are read.
-Writes `held_out_size.md` (per model, check and seed: value, bar and value/bar on each split, the seeds meeting each
-bar, and each split's majority rates) and `held_out_size.png` (value/bar on the job's split against the larger one) to
-`--output-dir`.
+saved model on both: the job's split (`prepare_training_data`, as the run's config drew it), which reproduces the
+recorded numbers, and the larger one. Scenes are drawn in sequence and kept disjoint from the same training scenes, so
+the larger split's first 100 scenes and their questions are the job's own, except POPE's popular and adversarial
+negatives, which follow the split's own object frequencies (as POPE draws them from its dataset's). Nothing is trained.
+M3 is scored at its full scale, where the bars are read. Writes `held_out_size.md` (per model, check and seed: value,
+bar and value/bar on each split, the seeds meeting each bar, and each split's majority rates) and `held_out_size.png`
+(value/bar on the job's split against the larger one) to `--output-dir`.
 
     PYTHONPATH=src python benchmarks/held_out_size.py --runs-dir DIR --seeds 0 1 2 3 --test-scenes 500
     PYTHONPATH=src python benchmarks/held_out_size.py --quick   # smoke run on a --quick job, under a minute
@@ -26,6 +28,7 @@ import argparse
 import json
 import tempfile
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import matplotlib
@@ -37,8 +40,7 @@ from main_job_seeds import CHECKS, seed_results  # noqa: E402
 from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E402
 
 from comm_vlm.evaluation.runners import evaluate, evaluate_matryoshka  # noqa: E402
-from comm_vlm.evaluation.synthetic import SyntheticConfig, make_synthetic_splits  # noqa: E402
-from comm_vlm.main_job import MainJobConfig  # noqa: E402
+from comm_vlm.main_job import MainJobConfig, prepare_training_data  # noqa: E402
 
 
 # The issue's three bars and the two attribute types one by one (`main_job_seeds.CHECKS`).
@@ -74,17 +76,24 @@ def majority_rates(split) -> dict[str, float]:
 def seed_scores(results: dict, test_scenes: int, batch_size: int, work_dir: Path) -> dict:
     """Per split size (the job's and `test_scenes`): the majority rates and, per family, the checks `(value, bar)`."""
     config = results["config"]
-    synthetic = SyntheticConfig(image_after_question=config["image_after_question"])
+    job = MainJobConfig(
+        train_scenes=config["train_scenes"],
+        test_scenes=config["test_scenes"],
+        # Runs from before `vqa_test_scenes` (stop 20) scored VQA on the other tasks' scenes.
+        vqa_test_scenes=config.get("vqa_test_scenes", config["test_scenes"]),
+        seed=config["seed"],
+        image_after_question=config["image_after_question"],
+    )
+    larger = replace(job, test_scenes=test_scenes, vqa_test_scenes=max(test_scenes, job.vqa_test_scenes))
     out = {}
-    for size in (config["test_scenes"], test_scenes):
-        split = make_synthetic_splits(
-            config["train_scenes"], size, seed=config["seed"], config=synthetic, image_dir=work_dir / f"test{size}"
-        )["test"]
+    for split_config in (job, larger):
+        # The held-out rows exactly as the job draws them (`prepare_training_data`).
+        split = prepare_training_data(split_config, work_dir / f"test{split_config.test_scenes}")[0]["test"]
         families = {}
         for family, model in results["models"].items():
             evaluation = score(model["final_dir"], family, split, batch_size)
             families[family] = {label: read(evaluation) for label, _, read in REPORTED}
-        out[size] = {"majority": majority_rates(split), "families": families}
+        out[split_config.test_scenes] = {"majority": majority_rates(split), "families": families}
     return out
 
 

@@ -48,9 +48,10 @@ COMPONENTS = ("merges", "aligners", "projector", "llm")
 REPORTED = CHECKS[:3]
 
 
-def trained_comm(config: MainJobConfig, output_dir: Path) -> str:
-    """The final checkpoint directory of the seed's trained COMM (`main_job_seeds.seed_results`: the run in
-    `<output_dir>/seed<k>`, or COMM alone trained there if the seed has no run)."""
+def trained_comm(config: MainJobConfig, output_dir: Path) -> tuple[str, dict]:
+    """The final checkpoint directory of the seed's trained COMM and the config of the run that trained it
+    (`main_job_seeds.seed_results`: the run in `<output_dir>/seed<k>`, or COMM alone trained there if the seed has no
+    run)."""
     results = seed_results(replace(config, families=("comm",)), output_dir)
     if "comm" not in results["models"]:
         path = output_dir / f"seed{config.seed}" / "results.json"
@@ -58,7 +59,7 @@ def trained_comm(config: MainJobConfig, output_dir: Path) -> str:
             f"{path} has no trained COMM (models: {sorted(results['models'])}): point --output-dir at runs that "
             "trained COMM, or at a folder without this seed, where COMM is trained first."
         )
-    return results["models"]["comm"]["final_dir"]
+    return results["models"]["comm"]["final_dir"], results["config"]
 
 
 def finetune(config: MainJobConfig, source: str, lr_scale: float, work_dir: Path, data_paths, test) -> dict:
@@ -139,7 +140,9 @@ def main() -> None:
     results: dict[int, dict[float, dict]] = {}
     for seed in args.seeds:
         config = replace(MainJobConfig.quick() if args.quick else MainJobConfig(), seed=seed)
-        source = trained_comm(config, output_dir)
+        source, run = trained_comm(config, output_dir)
+        # Scored on the held-out rows of the run M3 starts from (runs before stop 20 scored VQA on `test_scenes`).
+        config = replace(config, vqa_test_scenes=run.get("vqa_test_scenes", run["test_scenes"]))
         splits, data_paths = prepare_training_data(config, output_dir / f"m3_seed{seed}")
         results[seed] = {
             rate: finetune(

@@ -77,6 +77,7 @@ def test_main_job_quick_runs_every_family_end_to_end(tmp_path, capsys):
     assert "| vqa (colour) | VQA acc vs colour majority |" in table
     assert "| vqa (attribute) | VQA acc vs per-type majority |" in table
     assert "| pope | Acc vs text-only prior |" in table
+    assert "Held-out scenes: 6; VQA on 12 (those and 6 more)." in table
     assert (tmp_path / "results.json").exists()
 
 
@@ -166,6 +167,25 @@ def test_cli_demo_seed_reaches_data_and_training(tmp_path):
         assert (messages(paths["all"]) == rows) is (seed == 1)
         recipe = family_recipe("comm", config, tmp_path / "init", paths)
         assert [stage["args"]["seed"] for stage in recipe["stages"]] == [seed, seed]
+
+
+def test_vqa_is_scored_on_the_held_out_scenes_and_more(tmp_path):
+    """`vqa_test_scenes`: VQA rows from more held-out scenes, starting with the other tasks' scenes and questions."""
+    from comm_vlm.main_job import MainJobConfig, prepare_training_data
+
+    config = MainJobConfig.quick()  # 6 held-out scenes, VQA on 12
+    test = prepare_training_data(config, tmp_path / "more")[0]["test"]
+    alone = prepare_training_data(replace(config, vqa_test_scenes=6), tmp_path / "same")[0]["test"]
+
+    def rows(split, task):
+        return [(row["scene_id"], row["question"], row["answer"]) for row in split if row["task"] == task]
+
+    assert len({scene for scene, _, _ in rows(test, "vqa")}) == 12
+    assert rows(test, "vqa")[: len(rows(alone, "vqa"))] == rows(alone, "vqa")
+    for task in ("rec", "reg", "pope", "caption"):  # every other task: the 6 scenes, unchanged
+        assert rows(test, task) == rows(alone, task) and len({scene for scene, _, _ in rows(test, task)}) == 6
+    with pytest.raises(ValueError, match="vqa_test_scenes .5. is below test_scenes .6."):
+        replace(config, vqa_test_scenes=5).validate()
 
 
 def test_for_run_is_the_cli_s_config():

@@ -313,6 +313,25 @@ def make_synthetic_dataset(
     return Dataset.from_list(rows)
 
 
+def held_out_scenes(
+    train_scenes: Sequence[Scene], num_scenes: int, seed: int = 0, config: SyntheticConfig | None = None
+) -> list[Scene]:
+    """The test scenes of `make_synthetic_splits`: drawn from the seed's test stream, none equal to a train scene.
+
+    Scenes are drawn in sequence, so the first `k` of `num_scenes >= k` scenes are the `k` scenes of a smaller split.
+
+    Args:
+        train_scenes (`Sequence[Scene]`): the train split's scenes (`generate_scenes(n, seed, "train", config)`).
+        num_scenes (`int`): test scenes to draw.
+        seed (`int`), config ([`SyntheticConfig`], *optional*): as for the train scenes.
+    """
+    seen = {scene.signature() for scene in train_scenes}
+    test = generate_scenes(num_scenes, seed, "test", config, exclude=seen)
+    if seen & {scene.signature() for scene in test}:
+        raise RuntimeError("A test scene equals a train scene; this is a bug in generate_scenes(exclude=...).")
+    return test
+
+
 def make_synthetic_splits(
     num_train_scenes: int,
     num_test_scenes: int,
@@ -332,10 +351,7 @@ def make_synthetic_splits(
     """
     config = config or SyntheticConfig()
     train = generate_scenes(num_train_scenes, seed, "train", config)
-    seen = {s.signature() for s in train}
-    test = generate_scenes(num_test_scenes, seed, "test", config, exclude=seen)
-    if seen & {s.signature() for s in test}:
-        raise RuntimeError("A test scene equals a train scene; this is a bug in generate_scenes(exclude=...).")
+    test = held_out_scenes(train, num_test_scenes, seed, config)
     splits = {}
     for name, scenes in (("train", train), ("test", test)):
         folder = None if image_dir is None else Path(image_dir) / name
@@ -385,6 +401,7 @@ __all__ = [
     "SyntheticConfig",
     "build_rows",
     "generate_scenes",
+    "held_out_scenes",
     "make_synthetic_dataset",
     "make_synthetic_splits",
     "pope_negatives",
