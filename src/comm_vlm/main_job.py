@@ -78,8 +78,8 @@ PLAN_KEYS = set().union(*FAMILIES.values())
 
 @dataclass
 class MainJobConfig:
-    """Sizes of the main job (defaults: the full run, 12.5-15 minutes on 2 cores of the stop-16/17 machine and 17-20 on
-    the slower one of stops 18-19 with nothing else running; `quick()`: the CI smoke run)."""
+    """Sizes of the main job (defaults: the full run, 12.5-15 minutes on 2 cores of the stop-16/17 machine and 17-23 on
+    the slower one of stops 18-20 with nothing else running; `quick()`: the CI smoke run)."""
 
     train_scenes: int = 600
     test_scenes: int = 100
