@@ -34,7 +34,10 @@ def load_benchmark():
         path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
         spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        with pytest.MonkeyPatch.context() as patch:
+            # Scripts import their siblings (`bench_utils`, `main_job_seeds`), as under `python benchmarks/<name>.py`.
+            patch.syspath_prepend(str(path.parent))
+            spec.loader.exec_module(module)
         return module
 
     return load

@@ -3,7 +3,6 @@
 import json
 import sys
 from dataclasses import asdict
-from pathlib import Path
 
 import pytest
 from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -15,10 +14,7 @@ from comm_vlm.main_job import MainJobConfig, build_family_model, derive_family_m
 
 @pytest.fixture(scope="module")
 def bench(load_benchmark):
-    with pytest.MonkeyPatch.context() as patch:
-        # The script imports its sibling `main_job_seeds`, as it does when run as `python benchmarks/<name>.py`.
-        patch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
-        return load_benchmark("held_out_size")
+    return load_benchmark("held_out_size")
 
 
 def checks(rec: float, attribute: float, attribute_bar: float) -> dict:

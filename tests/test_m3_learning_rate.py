@@ -2,7 +2,6 @@
 
 import json
 import sys
-from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
@@ -10,10 +9,7 @@ from safetensors.torch import load_file
 
 @pytest.fixture(scope="module")
 def bench(load_benchmark):
-    with pytest.MonkeyPatch.context() as patch:
-        # The script imports its sibling `main_job_seeds`, as it does when run as `python benchmarks/<name>.py`.
-        patch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
-        return load_benchmark("m3_learning_rate")
+    return load_benchmark("m3_learning_rate")
 
 
 def scores(rec: float, pope: float, attribute: float) -> dict:
