@@ -36,7 +36,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from main_job_seeds import CHECKS, seed_results  # noqa: E402
+from main_job_seeds import CHECKS, seed_results, vqa_test_scenes  # noqa: E402
 from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E402
 
 from comm_vlm.evaluation.runners import evaluate, evaluate_matryoshka  # noqa: E402
@@ -79,8 +79,7 @@ def seed_scores(results: dict, test_scenes: int, batch_size: int, work_dir: Path
     job = MainJobConfig(
         train_scenes=config["train_scenes"],
         test_scenes=config["test_scenes"],
-        # Runs from before `vqa_test_scenes` (stop 20) scored VQA on the other tasks' scenes.
-        vqa_test_scenes=config.get("vqa_test_scenes", config["test_scenes"]),
+        vqa_test_scenes=vqa_test_scenes(config),
         seed=config["seed"],
         image_after_question=config["image_after_question"],
     )

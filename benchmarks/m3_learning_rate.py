@@ -29,7 +29,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from main_job_seeds import CHECKS, seed_results  # noqa: E402
+from main_job_seeds import CHECKS, seed_results, vqa_test_scenes  # noqa: E402
 from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E402
 
 from comm_vlm.evaluation.runners import evaluate_matryoshka  # noqa: E402
@@ -141,8 +141,8 @@ def main() -> None:
     for seed in args.seeds:
         config = replace(MainJobConfig.quick() if args.quick else MainJobConfig(), seed=seed)
         source, run = trained_comm(config, output_dir)
-        # Scored on the held-out rows of the run M3 starts from (runs before stop 20 scored VQA on `test_scenes`).
-        config = replace(config, vqa_test_scenes=run.get("vqa_test_scenes", run["test_scenes"]))
+        # Scored on the held-out rows of the run M3 starts from.
+        config = replace(config, vqa_test_scenes=vqa_test_scenes(run))
         splits, data_paths = prepare_training_data(config, output_dir / f"m3_seed{seed}")
         results[seed] = {
             rate: finetune(

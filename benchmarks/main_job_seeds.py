@@ -80,6 +80,12 @@ def seed_results(config: MainJobConfig, output_dir: Path) -> dict:
     return run_main_job(path.parent, config)
 
 
+def vqa_test_scenes(run_config: dict) -> int:
+    """The held-out scenes a recorded run scored VQA on: its `vqa_test_scenes`, or for a run from before that field
+    (stop 20), its `test_scenes`, which every task used then."""
+    return run_config.get("vqa_test_scenes", run_config["test_scenes"])
+
+
 def check_rows(results: dict[int, dict]) -> list[dict]:
     """Per model and check: the value and the bar per seed (x100), and the seeds that meet the bar."""
     first = next(iter(results.values()))
