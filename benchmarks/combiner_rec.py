@@ -12,7 +12,8 @@ and VQA per question type.
 
 Writes `<name>.md` and `<name>.png` (REC acc@0.5 vs stage-2 steps; `--name`, default `combiner_rec`) to
 `--output-dir`. `--settings current` trains with today's main-job settings instead (`MainJobConfig()`: no system
-prompt, the 1200-step encoder warm-up), the same 16 latents and REC-weighted stage 2, for `--stage2-steps` steps.
+prompt, the 1200-step encoder warm-up), the same 16 latents, LLaVA layout and REC-weighted stage 2, for
+`--stage2-steps` steps.
 
     PYTHONPATH=src python benchmarks/combiner_rec.py            # about 17 minutes on 2 cores
     PYTHONPATH=src python benchmarks/combiner_rec.py --quick    # smoke run, seconds
@@ -48,14 +49,16 @@ from comm_vlm.tiny import VICUNA_SYSTEM_PROMPT  # noqa: E402
 from comm_vlm.training.recipes import run_recipe  # noqa: E402
 
 
-# The main job's settings when this was recorded: the combiner with 16 latents, 1200+2400 steps with the stage-2
-# mixture's REC weight, and LLaVA-1.5's (Vicuna's) system prompt in the template (and VQA on the 100 held-out scenes,
-# which `main` sets: the quick run keeps its own few).
+# The main job's settings when this was recorded: the combiner on CLIP's penultimate layer (the LLaVA layout; COMM's
+# branch since stop 21) with 16 latents, 1200+2400 steps with the stage-2 mixture's REC weight, and LLaVA-1.5's
+# (Vicuna's) system prompt in the template (and VQA on the 100 held-out scenes, which `main` sets: the quick run keeps
+# its own few).
 RECORDED = {
     "system_prompt": VICUNA_SYSTEM_PROMPT,
     "family_stage_steps": {"adaptive_combiner": (1200, 2400)},
     "family_plans": {
         "adaptive_combiner": {
+            "layout": "llava",
             "overrides": {"combiner_num_latents": 16, "combiner_iterations": 2, "combiner_gate_init": 1.0},
             "mixture_weights": {},
         }

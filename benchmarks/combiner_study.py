@@ -149,9 +149,12 @@ def main() -> None:
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--quick", action="store_true", help="tiny sizes and 3 steps (a smoke run)")
     options = parser.parse_args()
-    # As recorded: LLaVA-1.5's template, the 600-step encoder warm-up and VQA on the 100 held-out scenes.
+    # As recorded: LLaVA-1.5's template, the 600-step encoder warm-up, VQA on the 100 held-out scenes and the combiner
+    # on CLIP's penultimate layer (the LLaVA layout; the main job puts it on COMM's branch since stop 21).
     config = MainJobConfig.quick() if options.quick else MainJobConfig(warmup_steps=600, vqa_test_scenes=100)
-    config = replace(config, system_prompt=VICUNA_SYSTEM_PROMPT)
+    config = replace(
+        config, system_prompt=VICUNA_SYSTEM_PROMPT, family_plans={"adaptive_combiner": {"layout": "llava"}}
+    )
     steps = 3 if options.quick else options.steps
     output_dir = Path(options.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -47,6 +47,19 @@ def test_two_encoder_round_trip(tmp_path):
     assert reloaded.secondary_vision_config.model_type == "dinov2"
 
 
+@pytest.mark.parametrize("family", ["matryoshka_llava", "adaptive_combiner"])
+def test_comm_layout_gives_every_family_comm_s_branch(family):
+    # These families' config classes default to LLaVA-1.5's branch (one layer, 2-layer MLP projector); the "comm"
+    # layout must still mean COMM's: the main job puts the combiner on it.
+    comm, other = tiny_comm_config("comm"), tiny_comm_config("comm", family=family)
+    assert type(other).__name__ != "CommConfig"
+    for prefix in comm.encoder_prefixes:
+        branch = {k: v for k, v in other.branch(prefix).items() if k != "vision_config"}
+        assert branch == {k: v for k, v in comm.branch(prefix).items() if k != "vision_config"}
+    assert branch["merge"] == "lln_layerscale" and branch["aligner"] == "mlp"  # DINOv2's
+    assert other.projector_depth == comm.projector_depth == 1
+
+
 def test_negative_layers_resolve_to_hidden_state_indices():
     config = tiny_comm_config("llava")
     assert config.branch("vision")["layers"] == [3]  # 4 layers: -2 is hidden_states[3]

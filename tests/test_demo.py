@@ -60,9 +60,10 @@ def test_main_job_quick_runs_every_family_end_to_end(tmp_path, capsys):
         assert [s["stage"] for s in result["stages"]] == list(FAMILIES[family]["stages"])
         assert (Path(result["final_dir"]) / "model.safetensors").exists()
         assert {"rec", "reg", "pope", "vqa", "caption"} <= set(result["eval"])
-        # Every family starts from the one warmed-up CLIP (and COMM from the one DINOv2), as from one checkpoint.
+        # Every family reads COMM's branch and starts from the one warmed-up CLIP and DINOv2, as from one checkpoint.
         init = load_file(tmp_path / family / "init" / "model.safetensors")
         towers = [k for k in init if ".vision_tower." in k or ".secondary_vision_tower." in k]
+        assert any(".secondary_vision_tower." in k for k in towers)
         assert towers and all(torch.equal(init[k], shared[k]) for k in towers)
         assert isinstance(result["served"]["answer"], str)
         # The tiny models' template has no system prompt (`MainJobConfig.system_prompt`), M3's copied from COMM's.

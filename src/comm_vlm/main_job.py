@@ -3,7 +3,8 @@
 First, one tiny CLIP and one tiny DINOv2 are warmed up on the synthetic scenes (a stand-in for pretrained
 CLIP/DINOv2, which cannot be downloaded here: `comm_vlm.training.encoder_warmup`); every family starts from these
 same encoders, frozen as the papers do. Then for each family (COMM: CLIP + DINOv2 with LLN-Layerscale; the adaptive
-combiner on CLIP; Matryoshka-LLaVA, which as in the M3 paper fine-tunes a trained LMM: here the trained COMM):
+combiner on the same visual branch; Matryoshka-LLaVA, which as in the M3 paper fine-tunes a trained LMM: here the
+trained COMM):
 
 1. build a tiny random model and processor (`comm_vlm.tiny`) and load the shared encoders, or for M3 derive the model
    from the trained COMM checkpoint (`derive_family_model`);
@@ -57,13 +58,17 @@ FAMILIES: dict[str, dict[str, Any]] = {
     # M3 as in the paper: its Matryoshka fine-tuning starts from a trained LMM (LLaVA-1.5 there; the trained COMM here,
     # the LMM this job has), so it needs one stage of its own.
     "matryoshka_llava": {"layout": "comm", "init_from": "comm", "stages": ("m3_finetune",), "overrides": {}},
-    # The combiner trains at a fifth of the job's learning rate (the LLM and projector at the full one): at the full
-    # rate its latents stayed near the text-only priors after 1000 steps. Its 300-step stage 2 leaves out the extra
-    # REC weight: the combiner learns REC only after about 2400 REC-weighted steps (`benchmarks/combiner_rec.py`),
-    # and then more surely with 32 latents than 16; these do not fit in the 15 minutes (`MainJobConfig.long()` trains
-    # them), and 300 of them cost it yes/no and attribute accuracy.
+    # The combiner reads COMM's visual branch (CLIP + DINOv2 with LLN-Layerscale, DINOv2's MLP aligner). On CLIP's
+    # penultimate layer alone (the LLaVA layout, until stop 21) it met the attribute bar at 2 of 4 seeds (machine B,
+    # VQA on 500 scenes), colour being its weak part (45.8-62.6 against COMM's 76.3-88.0); on COMM's branch colour
+    # rose to 66.0-75.4 and the bar was met at every seed, for a training step 1.23x as long (NOTES.md, stop 21).
+    # It trains at a fifth of the job's learning rate (the LLM, projector, merges and aligners at the full one): at
+    # the full rate its latents stayed near the text-only priors after 1000 steps. Its 300-step stage 2 leaves out
+    # the extra REC weight: the combiner learns REC only after about 2400 REC-weighted steps
+    # (`benchmarks/combiner_rec.py`), and then more surely with 32 latents than 16; these do not fit in the 15 minutes
+    # (`MainJobConfig.long()` trains them), and 300 of them cost it yes/no and attribute accuracy.
     "adaptive_combiner": {
-        "layout": "llava",
+        "layout": "comm",
         "new_modules": ("model.combiner.",),
         "stages": ("combiner", "combiner"),
         "overrides": {"combiner_num_latents": 16, "combiner_iterations": 2, "combiner_gate_init": 1.0},

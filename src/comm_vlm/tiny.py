@@ -158,8 +158,8 @@ def tiny_comm_config(layout: str = "comm", vocab_size: int = 320, family: str = 
 
     Args:
         layout (`str`): `"comm"` (CLIP all layers LLN-Layerscale + DINOv2 last half LLN-Layerscale + MLP, linear
-            projector: COMM's architecture at toy size) or `"llava"` (one CLIP encoder, penultimate layer, identity
-            aligner, 2-layer MLP projector: LLaVA-1.5's architecture).
+            projector: COMM's architecture at toy size, whatever the family's own defaults) or `"llava"` (one CLIP
+            encoder, penultimate layer, identity aligner, 2-layer MLP projector: LLaVA-1.5's architecture).
         family (`str`): `"comm"`, `"matryoshka_llava"` or `"adaptive_combiner"` (the config class; its own fields
             such as `matryoshka_scales` or `combiner_num_latents` go in `overrides`).
         overrides: any field of the family's config.
@@ -170,7 +170,12 @@ def tiny_comm_config(layout: str = "comm", vocab_size: int = 320, family: str = 
             "vision_config": tiny_vision_config("clip_vision_model"),
             "secondary_vision_config": tiny_vision_config("dinov2"),
             "vision_feature_layer": [1, 2, 3, 4],
+            "vision_feature_merge": "lln_layerscale",
+            "vision_aligner": "identity",
             "secondary_vision_feature_layer": [3, 4],
+            "secondary_vision_feature_merge": "lln_layerscale",
+            "secondary_vision_aligner": "mlp",
+            "projector_depth": 1,
         }
     elif layout == "llava":
         fields = {
