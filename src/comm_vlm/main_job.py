@@ -201,7 +201,8 @@ class MainJobConfig:
         With 16 latents the same schedule gave REC 9.6 in one run and 3.3 (colour 1.6x majority) in another (without
         the system prompt, one thread); with 32 latents it gave 10.5 and 22.6 in two runs, and 7.1 (under 3x chance)
         with the 1200-step encoder warm-up. On stop 19's machine it gave 25.1 / 3.2 / 34.0 / 7.9 at seeds 0-3
-        (bar about 8): the combiner's REC bar is met in some runs, not reliably.
+        (bar about 8): the combiner's REC bar is met in some runs, not reliably. These runs were of the combiner on
+        CLIP's penultimate layer, before it moved to COMM's branch in stop 21.
         """
         config = cls()
         stage_1 = config.family_stage_steps["adaptive_combiner"][0]
