@@ -10,7 +10,7 @@
 `demo` is the main job (`comm_vlm.main_job`): tiny COMM, Matryoshka-LLaVA and adaptive-combiner models trained through
 both stages on synthetic scenes, evaluated on the papers' metrics against chance/majority baselines, saved, reloaded
 and served; `--quick` is the CI-sized run, `--long` the run where the combiner also trains on REC (about 6 minutes
-more, 8-9 on slower CPUs), `--families` a subset (in order; M3 needs COMM before it). `layer-study` is COMM's layer
+more, 8-11 on slower CPUs), `--families` a subset (in order; M3 needs COMM before it). `layer-study` is COMM's layer
 study (`comm_vlm.layer_study`): one frozen tiny CLIP read at each single layer or merged over all layers (MFM), each
 variant trained with the main job's COMM recipe and scored on REC and POPE (table, JSON and plot). `plumbing` builds a
 tiny random COMM and its processor, saves them with `save_pretrained` (safetensors), reloads with the Auto classes,
@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument(
         "--long",
         action="store_true",
-        help="the combiner also trains on REC: 32 latents, 2400 REC-weighted stage-2 steps (~6-9 minutes more)",
+        help="the combiner also trains on REC: 32 latents, 2400 REC-weighted stage-2 steps (~6-11 minutes more)",
     )
     demo.add_argument(
         "--families", nargs="+", help="families to train, in order (default: comm matryoshka_llava adaptive_combiner)"

@@ -83,8 +83,9 @@ PLAN_KEYS = set().union(*FAMILIES.values())
 
 @dataclass
 class MainJobConfig:
-    """Sizes of the main job (defaults: the full run, 12.5-15 minutes on 2 cores of the stop-16/17 machine and 17-23 on
-    the slower one of stops 18-20 with nothing else running; `quick()`: the CI smoke run)."""
+    """Sizes of the main job (defaults: the full run, 12.5-15 minutes on 2 cores of the stop-16/17 machine and 17-25 on
+    the slower one of stops 18-21 with nothing else running, the combiner on COMM's branch adding about a minute
+    there since stop 21; `quick()`: the CI smoke run)."""
 
     train_scenes: int = 600
     test_scenes: int = 100
@@ -202,7 +203,8 @@ class MainJobConfig:
         the system prompt, one thread); with 32 latents it gave 10.5 and 22.6 in two runs, and 7.1 (under 3x chance)
         with the 1200-step encoder warm-up. On stop 19's machine it gave 25.1 / 3.2 / 34.0 / 7.9 at seeds 0-3
         (bar about 8): the combiner's REC bar is met in some runs, not reliably. These runs were of the combiner on
-        CLIP's penultimate layer, before it moved to COMM's branch in stop 21.
+        CLIP's penultimate layer. On COMM's branch (stop 21, machine B) it gave 8.4 / 15.3 / 12.0 / 7.5 (3 of 4
+        seeds), the combiner taking 885-1006 s against 332 s in the default job (`long_combiner_stop21.md`).
         """
         config = cls()
         stage_1 = config.family_stage_steps["adaptive_combiner"][0]
