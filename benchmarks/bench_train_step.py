@@ -8,6 +8,9 @@ Two measured choices of the main job (`comm_vlm.main_job`, COMM paper: Jiang et 
 2. **Activation checkpointing.** TRL's `SFTConfig` turns it on by default; the main job turns it off for its tiny
    models. Timed: forward + backward + AdamW step of the main job's tiny COMM on one collated batch with and without,
    losses and gradients asserted equal.
+3. **The loss on a CPU.** TRL's `SFTTrainer.compute_loss` goes through its fused LM head, which on a device without
+   Triton scores every position of the batch with torch ops; `CommSFTTrainer` scores the answer tokens from the
+   model's logits there. Timed: the loss, backward and AdamW step through each, losses and gradients asserted equal.
 
 Run: `PYTHONPATH=src python benchmarks/bench_train_step.py [--quick] [--threads N]`.
 """
@@ -21,11 +24,12 @@ import tempfile
 import torch
 from bench_utils import cpu_name, interleaved_times
 from transformers.processing_utils import ProcessorMixin
+from trl import SFTTrainer
 
 from comm_vlm.evaluation.synthetic import SyntheticConfig, make_synthetic_splits
 from comm_vlm.main_job import MainJobConfig, build_family_model
 from comm_vlm.processing_comm import CommProcessor
-from comm_vlm.training import build_trainer, default_sft_config
+from comm_vlm.training import CommSFTTrainer, build_trainer, default_sft_config
 
 
 def main() -> None:
@@ -46,7 +50,8 @@ def main() -> None:
         sft_args = default_sft_config(
             f"{tmp}/out", per_device_train_batch_size=args.batch_size, activation_checkpointing=False
         )
-        collator = build_trainer(model, processor, rows, "comm_instruct", sft_args).data_collator
+        trainer = build_trainer(model, processor, rows, "comm_instruct", sft_args)
+        collator = trainer.data_collator
         examples = [dict(row) for row in rows]
 
         def collate_ours():
@@ -87,6 +92,32 @@ def main() -> None:
             torch.testing.assert_close(g_on, g_off, rtol=1e-4, atol=1e-6)
         train = interleaved_times({"off": lambda: step(False), "on": lambda: step(True)}, reps, warmup)
 
+        model.gradient_checkpointing_disable()  # as the main job trains
+
+        def loss_step(compute_loss):
+            loss = compute_loss(trainer, model, dict(ours))
+            loss.backward()
+            grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+            optimizer.step()
+            optimizer.zero_grad()
+            return loss.detach(), grads
+
+        (loss_ours, grads_ours), (loss_trl, grads_trl) = (
+            loss_step(CommSFTTrainer.compute_loss),
+            loss_step(SFTTrainer.compute_loss),
+        )
+        torch.testing.assert_close(loss_ours, loss_trl)
+        for g_ours, g_trl in zip(grads_ours, grads_trl):
+            torch.testing.assert_close(g_ours, g_trl, rtol=1e-4, atol=1e-6)
+        losses = interleaved_times(
+            {
+                "ours": lambda: loss_step(CommSFTTrainer.compute_loss),
+                "trl": lambda: loss_step(SFTTrainer.compute_loss),
+            },
+            reps,
+            warmup,
+        )
+
     seq = tuple(ours["input_ids"].shape)
     print(f"{cpu_name()}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}")
     print(f"main job's tiny COMM, {args.batch_size} question-first synthetic rows per batch, input_ids {seq}\n")
@@ -101,9 +132,14 @@ def main() -> None:
         f"| {1e3 * train['on'][0]:.1f} | {train['off'][0] / train['on'][0]:.2f} |"
     )
     print(
+        f"| loss + backward + AdamW, answer tokens (`CommSFTTrainer`) vs TRL's fused LM head | "
+        f"{1e3 * losses['ours'][0]:.1f} | {1e3 * losses['trl'][0]:.1f} | {losses['ours'][0] / losses['trl'][0]:.2f} |"
+    )
+    print(
         f"\nmedians of {reps} interleaved repetitions after {warmup} warm-up; mins: "
         f"collation {1e3 * collate['ours'][1]:.1f} / {1e3 * collate['base'][1]:.1f} ms, "
-        f"step {1e3 * train['off'][1]:.1f} / {1e3 * train['on'][1]:.1f} ms"
+        f"step {1e3 * train['off'][1]:.1f} / {1e3 * train['on'][1]:.1f} ms, "
+        f"loss step {1e3 * losses['ours'][1]:.1f} / {1e3 * losses['trl'][1]:.1f} ms"
     )
 
 

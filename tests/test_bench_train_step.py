@@ -1,4 +1,4 @@
-"""`benchmarks/bench_train_step.py` end to end (quick): its collations and steps are asserted equal before timing."""
+"""`benchmarks/bench_train_step.py` end to end (quick): collations, steps and losses asserted equal before timing."""
 
 import sys
 
@@ -10,3 +10,4 @@ def test_quick_run_prints_both_ratios(load_benchmark, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "| collation, assistant masks on the tensor vs `ProcessorMixin`'s loop |" in out
     assert "| forward + backward + AdamW, checkpointing off vs on |" in out
+    assert "| loss + backward + AdamW, answer tokens (`CommSFTTrainer`) vs TRL's fused LM head |" in out

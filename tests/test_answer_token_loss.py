@@ -1,0 +1,96 @@
+"""`CommSFTTrainer.answer_token_loss` (the CPU loss path) against TRL's own `SFTTrainer.compute_loss` (its fused LM
+head): same loss, same gradients, same logged metrics, for every family, with and without LoRA."""
+
+import pytest
+import torch
+from trl import SFTTrainer
+
+from comm_vlm.tiny import build_tiny_checkpoint
+from comm_vlm.training import CommSFTTrainer, build_dataset, build_trainer, default_sft_config, make_tiny_dataset
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("data")
+    path = make_tiny_dataset(directory, 8)
+    return build_dataset({"path": str(path), "format": "llava", "image_folder": str(directory)})[0]
+
+
+# (family, layout, stage, LoRA): every family's own batch preparation (M3 re-lays the batch for all its scales, the
+# combiner needs the labels to keep answers out of its fused tokens) and a PEFT-wrapped LLM.
+CASES = [
+    ("comm", "comm", "comm_instruct", False),
+    ("comm", "llava", "llava_instruct", False),
+    ("matryoshka_llava", "comm", "m3_finetune", False),
+    ("adaptive_combiner", "comm", "comm_instruct", False),
+    ("comm", "comm", "comm_instruct", True),
+]
+
+
+def make_trainer(family, layout, stage, lora, data, tmp_path):
+    overrides = {"combiner_num_latents": 4} if family == "adaptive_combiner" else {}
+    model, processor = build_tiny_checkpoint(tmp_path / "init", layout=layout, family=family, **overrides)
+    peft_config = None
+    if lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "v_proj"])
+    args = default_sft_config(
+        tmp_path / "out", max_steps=1, per_device_train_batch_size=4, save_strategy="no", logging_steps=1
+    )
+    return build_trainer(model.train(), processor, data, stage, args, peft_config=peft_config)
+
+
+def loss_grads_metrics(trainer, compute_loss, batch, num_items_in_batch):
+    model = trainer.model
+    model.zero_grad(set_to_none=True)
+    loss = compute_loss(trainer, model, dict(batch), num_items_in_batch=num_items_in_batch)
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    metrics = {key: values[-1] for key, values in trainer._metrics["train"].items()}
+    return loss.detach(), grads, metrics
+
+
+@pytest.mark.parametrize("family,layout,stage,lora", CASES)
+@pytest.mark.parametrize("num_items_in_batch", [None, 7])
+def test_answer_token_loss_matches_trl_fused_lm_head(
+    family, layout, stage, lora, num_items_in_batch, tiny_data, tmp_path
+):
+    trainer = make_trainer(family, layout, stage, lora, tiny_data, tmp_path)
+    batch = next(iter(trainer.get_train_dataloader()))
+    trl_loss, trl_grads, trl_metrics = loss_grads_metrics(trainer, SFTTrainer.compute_loss, batch, num_items_in_batch)
+    tokens_before = trainer._total_train_tokens
+    loss, grads, metrics = loss_grads_metrics(trainer, CommSFTTrainer.compute_loss, batch, num_items_in_batch)
+
+    torch.testing.assert_close(loss, trl_loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == trl_grads.keys() and grads
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, trl_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert metrics["entropy"] == pytest.approx(trl_metrics["entropy"], rel=1e-5)
+    assert metrics["mean_token_accuracy"] == pytest.approx(trl_metrics["mean_token_accuracy"])
+    # Tokens seen: counted once per call, as TRL counts them.
+    assert trainer._total_train_tokens - tokens_before == tokens_before == int(batch["attention_mask"].sum())
+
+
+def test_training_on_a_cpu_goes_through_answer_token_loss(tiny_data, tmp_path, monkeypatch):
+    calls = []
+    original = CommSFTTrainer.answer_token_loss
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(CommSFTTrainer, "answer_token_loss", counted)
+    trainer = make_trainer("comm", "comm", "comm_instruct", False, tiny_data, tmp_path)
+    trainer.train()
+    assert len(calls) == 1
+    assert {"loss", "entropy", "mean_token_accuracy", "num_tokens"} <= set(trainer.state.log_history[0])
+
+
+def test_outputs_requested_fall_back_to_trl(tiny_data, tmp_path, monkeypatch):
+    trainer = make_trainer("comm", "comm", "comm_instruct", False, tiny_data, tmp_path)
+    monkeypatch.setattr(CommSFTTrainer, "answer_token_loss", lambda *a, **k: pytest.fail("fast path taken"))
+    batch = next(iter(trainer.get_train_dataloader()))
+    with pytest.warns(FutureWarning):
+        loss, outputs = trainer.compute_loss(trainer.model, dict(batch), return_outputs=True)
+    assert outputs.logits.shape[:2] == batch["input_ids"].shape
