@@ -94,3 +94,13 @@ def test_outputs_requested_fall_back_to_trl(tiny_data, tmp_path, monkeypatch):
     with pytest.warns(FutureWarning):
         loss, outputs = trainer.compute_loss(trainer.model, dict(batch), return_outputs=True)
     assert outputs.logits.shape[:2] == batch["input_ids"].shape
+
+
+def test_a_batch_without_answer_tokens_gives_a_zero_loss_that_backpropagates(tiny_data, tmp_path):
+    trainer = make_trainer("comm", "comm", "comm_instruct", False, tiny_data, tmp_path)
+    batch = next(iter(trainer.get_train_dataloader()))
+    batch["labels"] = torch.full_like(batch["labels"], -100)
+    loss = trainer.compute_loss(trainer.model, dict(batch))
+    loss.backward()  # still connected to the model, as TRL's is
+    assert loss.item() == SFTTrainer.compute_loss(trainer, trainer.model, dict(batch)).item() == 0.0
+    assert trainer._metrics["train"]["mean_token_accuracy"][-1] == 0.0
