@@ -85,7 +85,7 @@ PLAN_KEYS = set().union(*FAMILIES.values())
 class MainJobConfig:
     """Sizes of the main job (defaults: the full run, 12.5-15 minutes on 2 cores of the stop-16/17 machine and 17-25 on
     the slower one of stops 18-21 with nothing else running, the combiner on COMM's branch adding about a minute
-    there since stop 21; `quick()`: the CI smoke run)."""
+    there since stop 21; 20-23 there in stop 22, with the trainer's answer-token loss; `quick()`: the CI smoke run)."""
 
     train_scenes: int = 600
     test_scenes: int = 100

@@ -31,8 +31,8 @@ class CommSFTTrainer(SFTTrainer):
 
     On a CPU it also scores only the answer tokens (`answer_token_loss`): TRL's fused LM head, built to avoid the full
     logits of large vocabularies on GPUs, runs there as torch ops over every position of the batch, prompt and image
-    tokens included. Same loss and logged metrics; a main-job training step takes about a fifth less time
-    (`benchmarks/bench_train_step.py`).
+    tokens included. Same loss, gradients and logged metrics; a main-job loss step takes 0.82x as long
+    (`benchmarks/bench_train_step.py`), a step of `Trainer.train` 0.85x (`benchmarks/main_job/NOTES.md`, stop 22).
     """
 
     def __init__(self, *args, stage: Stage, **kwargs):
