@@ -96,6 +96,16 @@ def test_outputs_requested_fall_back_to_trl(tiny_data, tmp_path, monkeypatch):
     assert outputs.logits.shape[:2] == batch["input_ids"].shape
 
 
+def test_logits_over_the_cap_keep_trl_chunked_head(tiny_data, tmp_path, monkeypatch):
+    trainer = make_trainer("comm", "comm", "comm_instruct", False, tiny_data, tmp_path)
+    batch = next(iter(trainer.get_train_dataloader()))
+    vocab = trainer.model.get_output_embeddings().weight.shape[0]
+    monkeypatch.setattr(trainer, "max_cpu_logits", batch["labels"].numel() * vocab - 1)
+    monkeypatch.setattr(CommSFTTrainer, "answer_token_loss", lambda *a, **k: pytest.fail("fast path taken"))
+    loss = trainer.compute_loss(trainer.model, dict(batch))
+    torch.testing.assert_close(loss, SFTTrainer.compute_loss(trainer, trainer.model, dict(batch)))
+
+
 def test_a_batch_without_answer_tokens_gives_a_zero_loss_that_backpropagates(tiny_data, tmp_path):
     trainer = make_trainer("comm", "comm", "comm_instruct", False, tiny_data, tmp_path)
     batch = next(iter(trainer.get_train_dataloader()))

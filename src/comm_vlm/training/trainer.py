@@ -35,6 +35,10 @@ class CommSFTTrainer(SFTTrainer):
     (`benchmarks/bench_train_step.py`), a step of `Trainer.train` 0.85x (`benchmarks/main_job/NOTES.md`, stop 22).
     """
 
+    # The most logits (batch x sequence x vocabulary values) `answer_token_loss` materialises: 2**26, 256 MB in fp32.
+    # Larger batches keep TRL's chunked head, which never holds them all (a 7B model's 32k vocabulary on a CPU).
+    max_cpu_logits: int = 2**26
+
     def __init__(self, *args, stage: Stage, **kwargs):
         self.stage = stage
         super().__init__(*args, **kwargs)
@@ -55,7 +59,8 @@ class CommSFTTrainer(SFTTrainer):
         return self.optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """`SFTTrainer.compute_loss`, through `answer_token_loss` for the plain negative log-likelihood on a CPU."""
+        """`SFTTrainer.compute_loss`; on a CPU, for the plain negative log-likelihood of a batch whose logits fit in
+        `max_cpu_logits`, `answer_token_loss`."""
         plain = (
             not return_outputs
             and self.compute_loss_func is None
@@ -65,6 +70,7 @@ class CommSFTTrainer(SFTTrainer):
             and "labels" in inputs
             and "shift_labels" not in inputs
             and inputs["labels"].device.type == "cpu"
+            and inputs["labels"].numel() * model.get_output_embeddings().weight.shape[0] <= self.max_cpu_logits
         )
         if not plain:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
