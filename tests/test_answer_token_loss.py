@@ -114,3 +114,29 @@ def test_a_batch_without_answer_tokens_gives_a_zero_loss_that_backpropagates(tin
     loss.backward()  # still connected to the model, as TRL's is
     assert loss.item() == SFTTrainer.compute_loss(trainer, trainer.model, dict(batch)).item() == 0.0
     assert trainer._metrics["train"]["mean_token_accuracy"][-1] == 0.0
+
+
+@pytest.mark.parametrize(
+    "family,layout,stage",
+    [("matryoshka_llava", "comm", "m3_finetune"), ("adaptive_combiner", "comm", "comm_instruct")],
+)
+def test_under_ddp_the_family_still_prepares_its_batch(family, layout, stage, tiny_data, tmp_path):
+    """DDP hands `compute_loss` the wrapper: M3's re-lay and the combiner's labels must still apply (one gloo rank)."""
+    import socket
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    trainer = make_trainer(family, layout, stage, False, tiny_data, tmp_path)
+    batch = next(iter(trainer.get_train_dataloader()))
+    expected = SFTTrainer.compute_loss(trainer, trainer.model, dict(batch))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        wrapped = DistributedDataParallel(trainer.model, find_unused_parameters=True)
+        loss = trainer.compute_loss(wrapped, dict(batch))
+    finally:
+        dist.destroy_process_group()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)

@@ -70,11 +70,14 @@ class CommSFTTrainer(SFTTrainer):
             and "labels" in inputs
             and "shift_labels" not in inputs
             and inputs["labels"].device.type == "cpu"
-            and inputs["labels"].numel() * model.get_output_embeddings().weight.shape[0] <= self.max_cpu_logits
+            and inputs["labels"].numel() * self._vocab_size(model) <= self.max_cpu_logits
         )
         if not plain:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         return self.answer_token_loss(model, inputs, num_items_in_batch)
+
+    def _vocab_size(self, model) -> int:
+        return self.accelerator.unwrap_model(model).get_output_embeddings().weight.shape[0]
 
     def answer_token_loss(self, model, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
         """The negative log-likelihood of the label tokens from the model's logits at those positions only.
@@ -89,7 +92,8 @@ class CommSFTTrainer(SFTTrainer):
         mode = "train" if self.model.training else "eval"
         # What TRL's fused forward sees: the family's own preparation of the batch (M3 re-lays it for all scales, the
         # combiner takes the labels to keep answers out of its fused tokens), then the model without `labels`.
-        base = model.get_base_model() if is_peft_model(model) else model
+        base = self.accelerator.unwrap_model(model)  # under DDP/FSDP the family's own model
+        base = base.get_base_model() if is_peft_model(base) else base
         call = {**inputs, "use_cache": False}
         if hasattr(base, "adapt_installed_forward_kwargs"):
             call = base.adapt_installed_forward_kwargs(call)
