@@ -74,41 +74,35 @@ def main() -> None:
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0)
         model.train()
 
-        def step(checkpointing: bool):
-            if checkpointing:
-                model.gradient_checkpointing_enable()
-            else:
-                model.gradient_checkpointing_disable()
-            loss = model(**ours).loss
+        def backward_step(loss: torch.Tensor):
             loss.backward()
             grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
             optimizer.step()  # lr 0: the weights stay put, every repetition does identical work
             optimizer.zero_grad()
             return loss.detach(), grads
 
-        (loss_on, grads_on), (loss_off, grads_off) = step(True), step(False)
-        torch.testing.assert_close(loss_on, loss_off)
-        for g_on, g_off in zip(grads_on, grads_off):
-            torch.testing.assert_close(g_on, g_off, rtol=1e-4, atol=1e-6)
+        def assert_same(a, b):
+            (loss_a, grads_a), (loss_b, grads_b) = a, b
+            torch.testing.assert_close(loss_a, loss_b)
+            for grad_a, grad_b in zip(grads_a, grads_b):
+                torch.testing.assert_close(grad_a, grad_b, rtol=1e-4, atol=1e-6)
+
+        def step(checkpointing: bool):
+            if checkpointing:
+                model.activation_checkpointing_enable()
+            else:
+                model.activation_checkpointing_disable()
+            return backward_step(model(**ours).loss)
+
+        assert_same(step(True), step(False))
         train = interleaved_times({"off": lambda: step(False), "on": lambda: step(True)}, reps, warmup)
 
-        model.gradient_checkpointing_disable()  # as the main job trains
+        model.activation_checkpointing_disable()  # as the main job trains
 
         def loss_step(compute_loss):
-            loss = compute_loss(trainer, model, dict(ours))
-            loss.backward()
-            grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
-            optimizer.step()
-            optimizer.zero_grad()
-            return loss.detach(), grads
+            return backward_step(compute_loss(trainer, model, dict(ours)))
 
-        (loss_ours, grads_ours), (loss_trl, grads_trl) = (
-            loss_step(CommSFTTrainer.compute_loss),
-            loss_step(SFTTrainer.compute_loss),
-        )
-        torch.testing.assert_close(loss_ours, loss_trl)
-        for g_ours, g_trl in zip(grads_ours, grads_trl):
-            torch.testing.assert_close(g_ours, g_trl, rtol=1e-4, atol=1e-6)
+        assert_same(loss_step(CommSFTTrainer.compute_loss), loss_step(SFTTrainer.compute_loss))
         losses = interleaved_times(
             {
                 "ours": lambda: loss_step(CommSFTTrainer.compute_loss),

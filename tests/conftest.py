@@ -5,11 +5,22 @@ import pytest
 import torch
 
 from comm_vlm.tiny import build_tiny_tokenizer
+from comm_vlm.training import build_dataset, make_tiny_dataset
 
 
 @pytest.fixture(scope="session")
 def tokenizer():
     return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """8 rows of `make_tiny_dataset` (LLaVA JSON with image files) as a training `Dataset`, every row usable."""
+    directory = tmp_path_factory.mktemp("data")
+    path = make_tiny_dataset(directory, 8)
+    dataset, report = build_dataset({"path": str(path), "format": "llava", "image_folder": str(directory)})
+    assert report.skipped == 0
+    return dataset
 
 
 @pytest.fixture(autouse=True)

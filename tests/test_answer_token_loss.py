@@ -6,14 +6,7 @@ import torch
 from trl import SFTTrainer
 
 from comm_vlm.tiny import build_tiny_checkpoint
-from comm_vlm.training import CommSFTTrainer, build_dataset, build_trainer, default_sft_config, make_tiny_dataset
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("data")
-    path = make_tiny_dataset(directory, 8)
-    return build_dataset({"path": str(path), "format": "llava", "image_folder": str(directory)})[0]
+from comm_vlm.training import CommSFTTrainer, build_trainer, default_sft_config
 
 
 # (family, layout, stage, LoRA): every family's own batch preparation (M3 re-lays the batch for all its scales, the

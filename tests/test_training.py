@@ -31,15 +31,6 @@ from comm_vlm.training.data import load_source, sample_problem
 from comm_vlm.training.recipes import stage_with_learning_rates
 
 
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("data")
-    path = make_tiny_dataset(directory, 8)
-    dataset, report = build_dataset({"path": str(path), "format": "llava", "image_folder": str(directory)})
-    assert report.skipped == 0
-    return dataset
-
-
 def tiny_model(tmp_path, layout):
     model, processor = build_tiny_checkpoint(tmp_path / f"init-{layout}", layout=layout)
     return model, processor

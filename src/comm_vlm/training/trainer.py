@@ -35,8 +35,9 @@ class CommSFTTrainer(SFTTrainer):
     (`benchmarks/bench_train_step.py`), a step of `Trainer.train` 0.85x (`benchmarks/main_job/NOTES.md`, stop 22).
     """
 
-    # The most logits (batch x sequence x vocabulary values) `answer_token_loss` materialises: 2**26, 256 MB in fp32.
-    # Larger batches keep TRL's chunked head, which never holds them all (a 7B model's 32k vocabulary on a CPU).
+    # The most logits (batch x sequence x vocabulary values) `answer_token_loss` materialises: 2**26, 256 MB in fp32
+    # (counted on the collated batch; M3's re-lay adds the rows of its smaller scales). Larger batches keep TRL's
+    # chunked head, which never holds them all (a 7B model's 32k vocabulary on a CPU).
     max_cpu_logits: int = 2**26
 
     def __init__(self, *args, stage: Stage, **kwargs):
