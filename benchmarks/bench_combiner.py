@@ -181,6 +181,7 @@ def run(text_tokens: int) -> str:
     variants = {
         "default (latent, weighted, gated, 1 layer, D = 4096)": {},
         "spatial resampling": dict(combiner_resampling="spatial"),
+        "no resampling (all 576 visual tokens in the cross-attention)": dict(combiner_resampling="none"),
         "no gating": dict(combiner_gating=False),
         "residual combination": dict(combiner_combination="residual"),
         "2 fusion layers": dict(combiner_num_layers=2),

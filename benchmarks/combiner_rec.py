@@ -20,6 +20,11 @@ prompt, the 1200-step encoder warm-up), the same 16 latents, LLaVA layout and RE
     # the paper's spatial resampling against latents, today's settings (stop 18; 18 minutes on a slower machine):
     PYTHONPATH=src python benchmarks/combiner_rec.py --settings current --stage2-steps 1200 --eval-every 300 \
         --seed 1 --variants "spatial resampling" "image position codes (the default)" --name combiner_rec_spatial
+    # the main job's combiner (COMM's branch) with and without resampling the image, on a main job's saved encoders
+    # (stop 23, about 16 minutes):
+    PYTHONPATH=src python benchmarks/combiner_rec.py --settings main-job --stage2-steps 900 --eval-every 150 \
+        --encoders outputs/demo/encoders --variants "image position codes (the default)" \
+        "no resampling (every visual token)" --name combiner_resampling
 """
 
 from __future__ import annotations
@@ -71,6 +76,8 @@ VARIANTS: dict[str, dict] = {
     "no image position codes (eq. 2's input)": {"combiner_image_positions": False},
     # The paper's alternative to latents: the 8x8 patch grid average-pooled to 4x4 tokens (position codes added first).
     "spatial resampling": {"combiner_resampling": "spatial"},
+    # Beyond the paper: no resampling of the image, so eq. 3's cross-attention reads all 64 visual tokens (stop 23).
+    "no resampling (every visual token)": {"combiner_resampling": "none"},
 }
 
 
@@ -160,9 +167,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes and a few steps (a smoke run)")
     parser.add_argument(
         "--settings",
-        choices=("recorded", "current"),
+        choices=("recorded", "current", "main-job"),
         default="recorded",
-        help="recorded: the stop-14 job (system prompt, 600 warm-up steps); current: today's MainJobConfig()",
+        help="recorded: the stop-14 job (system prompt, 600 warm-up steps); current: today's MainJobConfig() with "
+        "the recorded combiner (LLaVA layout); main-job: today's MainJobConfig() and combiner (COMM's branch)",
+    )
+    parser.add_argument(
+        "--encoders", help="a main job's saved `encoders` directory (same seed) to use instead of a new warm-up"
     )
     parser.add_argument("--stage2-steps", type=int, default=2400, help="REC-weighted stage-2 steps")
     parser.add_argument("--seed", type=int, default=0)
@@ -174,6 +185,10 @@ def main() -> None:
         config = replace(MainJobConfig.quick(), **{**RECORDED, "family_stage_steps": {}})
     elif options.settings == "current":
         config = replace(MainJobConfig(), family_stage_steps=steps, family_plans=RECORDED["family_plans"])
+    elif options.settings == "main-job":
+        job = MainJobConfig()
+        steps = {"adaptive_combiner": (job.family_stage_steps["adaptive_combiner"][0], options.stage2_steps)}
+        config = replace(job, family_stage_steps=steps, family_plans={"adaptive_combiner": {"mixture_weights": {}}})
     else:
         config = replace(
             MainJobConfig(warmup_steps=600, vqa_test_scenes=100), **{**RECORDED, "family_stage_steps": steps}
@@ -184,7 +199,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         splits, data_paths = prepare_training_data(config, work)
-        encoders, _ = pretrain_encoders(config, work / "encoders")
+        if options.encoders:
+            saved = AutoModelForImageTextToText.from_pretrained(options.encoders)
+            encoders = {p: t.state_dict() for p, t in zip(saved.config.encoder_prefixes, saved.model.vision_towers)}
+        else:
+            encoders, _ = pretrain_encoders(config, work / "encoders")
         test = splits["test"].filter(lambda row: row["task"] in ("rec", "pope", "vqa"))
         results = {}
         for k, name in enumerate(options.variants):

@@ -18,9 +18,13 @@ readings: the scenes draw three shapes 5:4:3, so "circle" answers about 42% of a
 A seed whose `<output-dir>/seed<k>/results.json` exists is read, not run again (so `comm-vlm demo --seed k
 --output-dir <output-dir>/seed<k>` runs count too). Writes `main_job_seeds.md` (value per seed, ratio to the bar,
 seeds that meet it) and `main_job_seeds.png` (every check's value over its bar, one dot per seed) to `--output-dir`.
+`--against DIR` lists, after each check, the same check in other finished runs of the same seeds (e.g. the default
+job's, beside a variant's), named by `--against-label`.
 
     PYTHONPATH=src python benchmarks/main_job_seeds.py --seeds 0 1 2   # about 13 minutes per seed on 2 cores
     PYTHONPATH=src python benchmarks/main_job_seeds.py --quick          # smoke run, seconds
+    PYTHONPATH=src python benchmarks/main_job_seeds.py --seeds 0 1 2 3 --output-dir <variant runs> \
+        --families adaptive_combiner --against <default runs> --against-label "default"
 """
 
 from __future__ import annotations
@@ -86,17 +90,18 @@ def vqa_test_scenes(run_config: dict) -> int:
     return run_config.get("vqa_test_scenes", run_config["test_scenes"])
 
 
-def check_rows(results: dict[int, dict]) -> list[dict]:
-    """Per model and check: the value and the bar per seed (x100), and the seeds that meet the bar."""
+def check_rows(results: dict[int, dict], families: list[str] | None = None, label: str | None = None) -> list[dict]:
+    """Per model (those of `families`, default all) and check: the value and the bar per seed (x100), and the seeds
+    that meet the bar. `label` is appended to the model's name in the rows (`--against`'s runs)."""
     first = next(iter(results.values()))
     rows = []
-    for family in first["models"]:
-        for label, bar_text, read in CHECKS:
+    for family in families or first["models"]:
+        for check, bar_text, read in CHECKS:
             per_seed = {seed: read(r["models"][family]["eval"]) for seed, r in results.items()}
             rows.append(
                 {
-                    "model": family,
-                    "check": label,
+                    "model": family if label is None else f"{family} ({label})",
+                    "check": check,
                     "bar": bar_text,
                     "values": {seed: 100 * value for seed, (value, _) in per_seed.items()},
                     "bars": {seed: 100 * bar for seed, (_, bar) in per_seed.items()},
@@ -105,6 +110,29 @@ def check_rows(results: dict[int, dict]) -> list[dict]:
                 }
             )
     return rows
+
+
+def against_rows(rows: list[dict], results: dict[int, dict], against_dir: Path, label: str) -> list[dict]:
+    """`rows` with, after each, the same check of the same models in other runs of the same seeds (`--against`).
+
+    Raises `ValueError` if a seed's `<against_dir>/seed<k>/results.json` is missing or lacks one of the models.
+    """
+    other = {}
+    for seed in results:
+        path = against_dir / f"seed{seed}" / "results.json"
+        if not path.exists():
+            raise ValueError(
+                f"{path} does not exist: `--against` needs finished runs of the same seeds ({list(results)})."
+            )
+        other[seed] = json.loads(path.read_text())
+    families = list(next(iter(results.values()))["models"])
+    missing = sorted({f for r in other.values() for f in families if f not in r["models"]})
+    if missing:
+        raise ValueError(f"The runs in {against_dir} have no {missing} model: compare runs of the same families.")
+    paired = []
+    for row, base in zip(rows, check_rows(other, families, label)):
+        paired += [row, base]
+    return paired
 
 
 def markdown(rows: list[dict], results: dict[int, dict]) -> str:
@@ -151,6 +179,10 @@ def main() -> None:
     size.add_argument("--quick", action="store_true", help="CI-sized runs (numbers not meaningful)")
     size.add_argument("--long", action="store_true", help="`MainJobConfig.long()` (`comm-vlm demo --long`)")
     parser.add_argument("--families", nargs="+", help="default: every family of the main job")
+    parser.add_argument(
+        "--against", help="finished runs of the same seeds (`<dir>/seed<k>/results.json`) to list beside each check"
+    )
+    parser.add_argument("--against-label", default="against", help="their name in the table and plot")
     args = parser.parse_args()
     output_dir = Path(args.output_dir)
     # Each seed's job is exactly what `comm-vlm demo [--quick | --long] [--families ...] --seed k` runs.
@@ -159,6 +191,8 @@ def main() -> None:
         for seed in args.seeds
     }
     rows = check_rows(results)
+    if args.against:
+        rows = against_rows(rows, results, Path(args.against), args.against_label)
     table = markdown(rows, results)
     (output_dir / "main_job_seeds.md").write_text(table + "\n")
     plot(rows, results, output_dir / "main_job_seeds.png")

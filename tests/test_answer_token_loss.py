@@ -133,3 +133,20 @@ def test_under_ddp_the_family_still_prepares_its_batch(family, layout, stage, ti
     finally:
         dist.destroy_process_group()
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_m3_loss_under_the_trainer_is_the_mean_over_scales(tiny_data, tmp_path):
+    """M3 takes no loss kwargs, so the `Trainer` passes no `num_items_in_batch` and the loss it optimises is the
+    paper's: the mean over the scales of each scale's token-mean loss, on either loss path."""
+    trainer = make_trainer("matryoshka_llava", "comm", "m3_finetune", False, tiny_data, tmp_path)
+    batch = next(iter(trainer.get_train_dataloader()))
+    _, num_items_in_batch = trainer.get_batch_samples(iter([batch]), 1, "cpu")
+    assert trainer.model_accepts_loss_kwargs is False and num_items_in_batch is None
+    model = trainer.model
+    with torch.no_grad():
+        per_scale = [model(**batch, matryoshka_scale=s).loss for s in model.config.matryoshka_scales]
+        paper = torch.stack(per_scale).mean()
+        assert len(per_scale) > 1 and not torch.allclose(per_scale[0], per_scale[-1])
+        for compute_loss in (CommSFTTrainer.compute_loss, SFTTrainer.compute_loss):
+            loss = compute_loss(trainer, model, dict(batch), num_items_in_batch=num_items_in_batch)
+            torch.testing.assert_close(loss, paper, rtol=1e-5, atol=1e-6)

@@ -13,6 +13,7 @@ from comm_vlm.combiner import (
     GatedCrossAttentionBlock,
     LatentResampler,
     SpatialResampler,
+    TokenProjection,
     pool_height,
     sincos_positions,
 )
@@ -123,6 +124,20 @@ def test_spatial_resampling_averages_the_patch_grid():
     seq = torch.randn(2, 17, D)
     expected = F.adaptive_avg_pool1d(seq.transpose(1, 2), 8).transpose(1, 2)
     torch.testing.assert_close(resampler(seq), resampler.out_proj(expected))
+
+
+def test_no_resampling_keeps_every_visual_token_for_the_cross_attention():
+    """`resampling="none"`: f = W2 (LN(P(X_im)) + positions) over the whole grid; the output is still N tokens, and
+    the text latents' cross-attention (eq. 3) reads every visual token."""
+    combiner = build(resampling="none", iterations=1, num_layers=0)
+    assert isinstance(combiner.image_resampler, TokenProjection)
+    image, text = torch.randn(2, 16, D), torch.randn(2, 3, D)
+    _, f = combiner.resample(image, text)
+    normed = F.layer_norm(image, (D,), combiner.image_norm.weight, combiner.image_norm.bias, 1e-5)
+    torch.testing.assert_close(f, combiner.image_resampler.out_proj(normed + sincos_positions(16, D)))
+    assert combiner(image, text).shape == (2, N, D)
+    t0 = combiner.resample(image, text)[0]  # (2, N, D)
+    torch.testing.assert_close(combiner.iterate(t0, f)[0], manual_block(combiner.steps[0].block, t0, f))  # F_1
 
 
 # --- the gated block (eq. 3) -------------------------------------------------------------------------------------
@@ -279,7 +294,7 @@ def test_one_iteration_weighted_equals_none():
     torch.testing.assert_close(weighted(image, text), none(image, text))
 
 
-@pytest.mark.parametrize("resampling", ["latent", "spatial"])
+@pytest.mark.parametrize("resampling", ["latent", "spatial", "none"])
 @pytest.mark.parametrize("visual,text_len", [(1, 1), (16, 3), (25, 40), (50, 2)])
 def test_n_tokens_out_for_any_input_length(resampling, visual, text_len):
     combiner = build(resampling=resampling, input_size=24, hidden_size=D)  # with in/out projections

@@ -231,6 +231,7 @@ def test_save_load_round_trip_auto_classes_and_pipeline(model, processor, tmp_pa
     "layout,overrides",
     [
         ("comm", {}),  # COMM's CLIP + DINOv2 with LLN-Layerscale feeds the combiner
+        ("comm", dict(combiner_resampling="none")),  # every visual token reaches the cross-attention, N still out
         ("llava", dict(combiner_resampling="spatial", combiner_combination="residual", combiner_gating=False)),
         ("llava", dict(combiner_hidden_size=32, combiner_num_heads=2, combiner_share_weights=False)),
     ],

@@ -56,3 +56,35 @@ def test_quick_run_reuses_finished_seeds_and_writes_the_table_and_plot(bench, tm
     assert "| model | check (bar) | seed 5 | seed 1 | seeds meeting the bar |" in table
     assert "| comm | REC acc@0.5 (3x chance) | 20.0 (1.33) |" in table  # seed 5 read back, not run
     assert (tmp_path / "main_job_seeds.png").stat().st_size > 0
+
+
+def test_against_lists_the_other_runs_check_after_each_check(bench, tmp_path):
+    results = {0: fake_results(0.2, 0.9, 0.6, 0.9, 0.7), 1: fake_results(0.1, 0.7, 0.5, 0.8, 0.6)}
+    for seed, pope in ((0, 0.8), (1, 0.76)):
+        (tmp_path / f"seed{seed}").mkdir()
+        other = fake_results(0.05, pope, 0.4, 0.7, 0.5)
+        other["models"]["extra_family"] = other["models"]["comm"]  # models the runs do not have are left out
+        (tmp_path / f"seed{seed}" / "results.json").write_text(json.dumps(other))
+    rows = bench.against_rows(bench.check_rows(results), results, tmp_path, "default")
+    assert [(row["model"], row["check"]) for row in rows[:4]] == [
+        ("comm", "REC acc@0.5"),
+        ("comm (default)", "REC acc@0.5"),
+        ("comm", "POPE acc"),
+        ("comm (default)", "POPE acc"),
+    ]
+    assert len(rows) == 2 * len(bench.CHECKS)
+    table = bench.markdown(rows, results)
+    assert "| comm | POPE acc (>= 75) | 90.0 (1.20) | 70.0 (0.93) | 1 of 2 |" in table
+    assert "| comm (default) | POPE acc (>= 75) | 80.0 (1.07) | 76.0 (1.01) | 2 of 2 |" in table
+
+
+def test_against_refuses_runs_it_cannot_pair(bench, tmp_path):
+    results = {0: fake_results(0.2, 0.9, 0.6, 0.9, 0.7)}
+    with pytest.raises(ValueError, match="seed0/results.json does not exist: `--against` needs finished runs"):
+        bench.against_rows(bench.check_rows(results), results, tmp_path, "default")
+    (tmp_path / "seed0").mkdir()
+    other = fake_results(0.2, 0.9, 0.6, 0.9, 0.7)
+    other["models"] = {"adaptive_combiner": other["models"]["comm"]}
+    (tmp_path / "seed0" / "results.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match=r"have no \['comm'\] model"):
+        bench.against_rows(bench.check_rows(results), results, tmp_path, "default")

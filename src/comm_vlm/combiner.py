@@ -150,6 +150,23 @@ class SpatialResampler(nn.Module):
         return self.out_proj(pooled.transpose(1, 2))  # (B, N, D)
 
 
+class TokenProjection(nn.Module):
+    """No resampling of the image: every visual token goes to the fusion through W2 (`f = W2 X`, `(B, S_v, D)`).
+
+    Not in the paper, whose eq. 2 reduces the image to N tokens before it meets the prompt: here the text latents'
+    cross-attention (eq. 3) reads the whole patch grid, so what a prompt asks for is looked up where it lies. The LLM
+    still gets N fused tokens; the cross-attention costs `N x S_v` instead of `N x N`.
+    """
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.out_proj = nn.Linear(hidden_size, hidden_size)  # W2
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`(B, S_v, D)` visual tokens -> `(B, S_v, D)`; `mask` unused (every visual token is valid)."""
+        return self.out_proj(tokens)
+
+
 def sincos_positions(num_tokens: int, width: int) -> torch.Tensor:
     """Fixed sine-cosine position codes of the visual tokens, `(num_tokens, width)` (MAE's 2D form).
 
@@ -220,7 +237,8 @@ class GatedCrossAttentionBlock(nn.Module):
         """
         Args:
             text_latents (`torch.Tensor` of shape `(B, N, D)`): t.
-            image_latents (`torch.Tensor` of shape `(B, N_f, D)`): f (N_f = N for latent and spatial resampling).
+            image_latents (`torch.Tensor` of shape `(B, N_f, D)`): f (N_f = N for latent and spatial resampling,
+                the visual token count without resampling).
 
         Returns:
             `torch.Tensor` of shape `(B, N, D)`: F(t, f).
@@ -269,7 +287,8 @@ class AdaptiveCombiner(nn.Module):
         num_heads (`int`): heads of every attention.
         mlp_ratio (`int`), hidden_act (`str`), eps (`float`): MLP width ratio, activation, LayerNorm epsilon.
         gating (`bool`): tanh gates on (True) or fixed to 1.
-        resampling (`str`): `"latent"` or `"spatial"` for the image (the text always uses latents).
+        resampling (`str`): `"latent"`, `"spatial"` or `"none"` (every visual token kept) for the image; the text
+            always uses latents.
         combination (`str`): `"weighted"`, `"residual"` or `"none"`.
         share_weights (`bool`): one fusion step for all iterations (True) or one per iteration.
         input_norm (`bool`): LayerNorm on the image tokens and on the text tokens before resampling.
@@ -314,8 +333,10 @@ class AdaptiveCombiner(nn.Module):
             self.image_resampler = LatentResampler(hidden_size, num_latents, num_heads, latent_residual)
         elif resampling == "spatial":
             self.image_resampler = SpatialResampler(hidden_size, num_latents)
+        elif resampling == "none":
+            self.image_resampler = TokenProjection(hidden_size)
         else:
-            raise ValueError(f"Unknown resampling {resampling!r}; use 'latent' or 'spatial'.")
+            raise ValueError(f"Unknown resampling {resampling!r}; use 'latent', 'spatial' or 'none'.")
         self.text_resampler = LatentResampler(hidden_size, num_latents, num_heads, latent_residual)
         step_args = (hidden_size, num_heads, num_layers, mlp_ratio, hidden_act, eps, gating)
         self.steps = nn.ModuleList(FusionStep(*step_args) for _ in range(1 if share_weights else iterations))
@@ -339,13 +360,13 @@ class AdaptiveCombiner(nn.Module):
             text_mask (`torch.BoolTensor` of shape `(B, L)`, *optional*): True for the prompt tokens to fuse.
 
         Returns:
-            `(t_N, f_N)`, both `(B, N, D)`.
+            `(t_N, f_N)`: `(B, N, D)` each (f: `(B, S_v, D)` without resampling).
         """
         image_tokens = self.image_norm(self.image_in_proj(image_tokens))  # (B, S_v, D)
         if self.image_positions:
             positions = sincos_positions(image_tokens.shape[1], image_tokens.shape[2])  # (S_v, D)
             image_tokens = image_tokens + positions.to(device=image_tokens.device, dtype=image_tokens.dtype)
-        image_latents = self.image_resampler(image_tokens)  # f_N, (B, N, D)
+        image_latents = self.image_resampler(image_tokens)  # f_N, (B, N, D); (B, S_v, D) for "none"
         text_latents = self.text_resampler(self.text_norm(self.text_in_proj(text_tokens)), text_mask)  # t_N, (B, N, D)
         return text_latents, image_latents
 
@@ -398,6 +419,7 @@ __all__ = [
     "GatedCrossAttentionBlock",
     "LatentResampler",
     "SpatialResampler",
+    "TokenProjection",
     "pool_height",
     "sincos_positions",
 ]

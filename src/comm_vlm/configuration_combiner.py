@@ -15,7 +15,8 @@ fusion weights shared across iterations, gates initialised at 0 (Flamingo's tanh
 GELU, LayerNorm on the inputs, residual latents and position codes on the visual tokens (Perceiver's and DETR's
 conventions; with `combiner_input_norm`, `combiner_latent_residual` and `combiner_image_positions` off, eq. 2 as
 printed), "weighted" = softmax-normalised learnable weights over the iterations' outputs, "residual" = the final
-residual stream t_N + F_1 + ... + F_T, "spatial" = adaptive average pooling of the visual token grid to N tokens.
+residual stream t_N + F_1 + ... + F_T, "spatial" = adaptive average pooling of the visual token grid to N tokens,
+"none" = the visual tokens unpooled (beyond the paper; the fused output is still N tokens).
 """
 
 from transformers import PretrainedConfig
@@ -26,7 +27,7 @@ from .configuration_comm import CommConfig
 
 logger = logging.get_logger(__name__)
 
-RESAMPLINGS = ("latent", "spatial")
+RESAMPLINGS = ("latent", "spatial", "none")
 COMBINATIONS = ("weighted", "residual", "none")
 
 
@@ -57,7 +58,9 @@ class AdaptiveCombinerConfig(CommConfig):
         combiner_resampling (`str`, defaults to `"latent"`): how the visual tokens become N tokens. `"latent"`: N
             learned latent queries attend to them (eq. 2). `"spatial"`: adaptive average pooling of the patch grid to
             an `h x w = N` grid (h the largest divisor of N not above sqrt(N)), or of the token sequence when the
-            tokens do not form a square grid, followed by W2. The text always uses latents (it has no grid).
+            tokens do not form a square grid, followed by W2. `"none"` (not in the paper): every visual token goes
+            through W2 unpooled, so eq. 3's cross-attention reads the whole grid; the LLM still gets N tokens. The
+            text always uses latents (it has no grid).
         combiner_combination (`str`, defaults to `"weighted"`): how the T iterations' outputs F_1..F_T become the
             fused tokens. `"weighted"`: sum_i w_i F_i with w = softmax(learnable logits), initialised equal.
             `"residual"`: the residual stream after the last iteration, t_N + F_1 + ... + F_T. `"none"`: F_T.
