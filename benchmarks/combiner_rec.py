@@ -20,11 +20,11 @@ prompt, the 1200-step encoder warm-up), the same 16 latents, LLaVA layout and RE
     # the paper's spatial resampling against latents, today's settings (stop 18; 18 minutes on a slower machine):
     PYTHONPATH=src python benchmarks/combiner_rec.py --settings current --stage2-steps 1200 --eval-every 300 \
         --seed 1 --variants "spatial resampling" "image position codes (the default)" --name combiner_rec_spatial
-    # the main job's combiner (COMM's branch) with and without resampling the image, on a main job's saved encoders
-    # (stop 23, about 16 minutes):
+    # the main job's combiner (COMM's branch) with and without resampling the image, on the encoders that
+    # `comm-vlm demo --seed 0` saved (stop 23, about 20 minutes on a slower machine):
     PYTHONPATH=src python benchmarks/combiner_rec.py --settings main-job --stage2-steps 900 --eval-every 150 \
         --encoders outputs/demo/encoders --variants "image position codes (the default)" \
-        "no resampling (every visual token)" --name combiner_resampling
+        "no resampling (every visual token)" --name combiner_resampling_rec
 """
 
 from __future__ import annotations
