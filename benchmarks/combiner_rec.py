@@ -46,6 +46,7 @@ from comm_vlm.evaluation.runners import evaluate  # noqa: E402
 from comm_vlm.main_job import (  # noqa: E402
     MainJobConfig,
     build_family_model,
+    encoder_state_dicts,
     family_recipe,
     prepare_training_data,
     pretrain_encoders,
@@ -200,8 +201,7 @@ def main() -> None:
         work = Path(tmp)
         splits, data_paths = prepare_training_data(config, work)
         if options.encoders:
-            saved = AutoModelForImageTextToText.from_pretrained(options.encoders)
-            encoders = {p: t.state_dict() for p, t in zip(saved.config.encoder_prefixes, saved.model.vision_towers)}
+            encoders = encoder_state_dicts(AutoModelForImageTextToText.from_pretrained(options.encoders))
         else:
             encoders, _ = pretrain_encoders(config, work / "encoders")
         test = splits["test"].filter(lambda row: row["task"] in ("rec", "pope", "vqa"))

@@ -132,11 +132,10 @@ def test_no_resampling_keeps_every_visual_token_for_the_cross_attention():
     combiner = build(resampling="none", iterations=1, num_layers=0)
     assert isinstance(combiner.image_resampler, TokenProjection)
     image, text = torch.randn(2, 16, D), torch.randn(2, 3, D)
-    _, f = combiner.resample(image, text)
+    t0, f = combiner.resample(image, text)  # (2, N, D), (2, 16, D)
     normed = F.layer_norm(image, (D,), combiner.image_norm.weight, combiner.image_norm.bias, 1e-5)
     torch.testing.assert_close(f, combiner.image_resampler.out_proj(normed + sincos_positions(16, D)))
     assert combiner(image, text).shape == (2, N, D)
-    t0 = combiner.resample(image, text)[0]  # (2, N, D)
     torch.testing.assert_close(combiner.iterate(t0, f)[0], manual_block(combiner.steps[0].block, t0, f))  # F_1
 
 

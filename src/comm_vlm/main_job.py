@@ -424,8 +424,15 @@ def pretrain_encoders(config: MainJobConfig, output_dir: str | Path) -> tuple[di
     scenes = generate_scenes(config.train_scenes, config.seed, "train")
     accuracy = warm_up_encoders(model, processor.image_processor, scenes, steps=config.warmup_steps, seed=config.seed)
     model.save_pretrained(output_dir)
-    towers = zip(model.config.encoder_prefixes, model.model.vision_towers)
-    return {prefix: tower.state_dict() for prefix, tower in towers}, accuracy
+    return encoder_state_dicts(model), accuracy
+
+
+def encoder_state_dicts(model) -> dict[str, dict]:
+    """Per encoder prefix (`vision`, `secondary_vision`), the state dict of `model`'s vision tower: what
+    `build_family_model(..., encoders=...)` loads (e.g. from the `encoders` checkpoint a main job saves)."""
+    return {
+        prefix: tower.state_dict() for prefix, tower in zip(model.config.encoder_prefixes, model.model.vision_towers)
+    }
 
 
 def run_main_job(output_dir: str | Path, config: MainJobConfig | None = None) -> dict:
