@@ -38,7 +38,7 @@ from comm_vlm import (
     CommConfig,
     CommForConditionalGeneration,
 )
-from comm_vlm.tiny import IMAGE_TOKEN_ID, tiny_comm_config
+from comm_vlm.testing import IMAGE_TOKEN_ID, tiny_comm_config
 
 
 VICUNA_7B = {

@@ -26,7 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from transformers import LlavaForConditionalGeneration
 
 from comm_vlm import CommForConditionalGeneration
-from comm_vlm.tiny import IMAGE_TOKEN_ID, tiny_comm_config, tiny_llava_config, tiny_text_config, tiny_vision_config
+from comm_vlm.testing import IMAGE_TOKEN_ID, tiny_comm_config, tiny_llava_config, tiny_text_config, tiny_vision_config
 
 
 VOCAB, BATCH, TEXT_TOKENS, NEW_TOKENS = 320, 4, 64, 16

@@ -37,8 +37,8 @@ from bench_utils import cpu_name, interleaved_times
 from torch.utils.flop_counter import FlopCounterMode
 
 from comm_vlm import MatryoshkaLlavaConfig, MatryoshkaLlavaForConditionalGeneration
-from comm_vlm.packing_matryoshka import build_layout
-from comm_vlm.tiny import IMAGE_TOKEN_ID, tiny_text_config, tiny_vision_config
+from comm_vlm.models.packing_matryoshka import build_layout
+from comm_vlm.testing import IMAGE_TOKEN_ID, tiny_text_config, tiny_vision_config
 
 
 VOCAB, TRAIN_BATCH, PREFILL_BATCH = 320, 2, 4

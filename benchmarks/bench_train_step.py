@@ -1,6 +1,6 @@
 """CPU cost of one main-job training step (COMM stage 2): TRL's collation and the forward/backward.
 
-Two measured choices of the main job (`comm_vlm.main_job`, COMM paper: Jiang et al. 2023, arXiv 2310.08825):
+Two measured choices of the main job (`comm_vlm.demo.main_job`, COMM paper: Jiang et al. 2023, arXiv 2310.08825):
 
 1. **Assistant masks.** TRL's vision collator asks the processor for assistant-token masks. `ProcessorMixin` builds
    them by iterating the `(batch, seq, 2)` offset tensor element by element; `CommProcessor` computes the same masks on
@@ -26,9 +26,9 @@ from bench_utils import cpu_name, interleaved_times
 from transformers.processing_utils import ProcessorMixin
 from trl import SFTTrainer
 
-from comm_vlm.evaluation.synthetic import SyntheticConfig, make_synthetic_splits
-from comm_vlm.main_job import MainJobConfig, build_family_model
-from comm_vlm.processing_comm import CommProcessor
+from comm_vlm.demo.main_job import MainJobConfig, build_family_model
+from comm_vlm.demo.synthetic import SyntheticConfig, make_synthetic_splits
+from comm_vlm.models.processing_comm import CommProcessor
 from comm_vlm.training import CommSFTTrainer, build_trainer, default_sft_config
 
 

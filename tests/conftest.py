@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from comm_vlm.tiny import build_tiny_tokenizer
+from comm_vlm.testing import build_tiny_tokenizer
 from comm_vlm.training import build_dataset, make_tiny_dataset
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from trl import SFTTrainer
 
-from comm_vlm.tiny import build_tiny_checkpoint
+from comm_vlm.testing import build_tiny_checkpoint
 from comm_vlm.training import CommSFTTrainer, build_trainer, default_sft_config
 
 

@@ -5,7 +5,7 @@ from PIL import Image
 from transformers import AutoModel, CLIPVisionConfig, Dinov2Config, LlamaConfig, LlamaForCausalLM, pipeline
 
 from comm_vlm.assemble import assemble_comm
-from comm_vlm.tiny import build_tiny_tokenizer, tiny_image_processor, tiny_text_config, tiny_vision_config
+from comm_vlm.testing import build_tiny_tokenizer, tiny_image_processor, tiny_text_config, tiny_vision_config
 
 
 def _fields(config: dict) -> dict:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from comm_vlm import AdaptiveCombinerConfig, CommConfig
-from comm_vlm.combiner import (
+from comm_vlm.models.combiner import (
     AdaptiveCombiner,
     CombinerAttention,
     GatedCrossAttentionBlock,
@@ -17,7 +17,7 @@ from comm_vlm.combiner import (
     pool_height,
     sincos_positions,
 )
-from comm_vlm.tiny import tiny_comm_config
+from comm_vlm.testing import tiny_comm_config
 
 
 D, HEADS, N = 16, 4, 5

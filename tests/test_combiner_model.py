@@ -22,8 +22,8 @@ from comm_vlm import (
     AdaptiveCombinerModel,
     CommProcessor,
 )
-from comm_vlm.modeling_combiner import image_runs, prompt_text_mask
-from comm_vlm.tiny import (
+from comm_vlm.models.modeling_combiner import image_runs, prompt_text_mask
+from comm_vlm.testing import (
     CHAT_TEMPLATE,
     IMAGE_TOKEN_ID,
     build_tiny_tokenizer,
@@ -247,7 +247,7 @@ def test_variants_forward_and_generate(layout, overrides):
 def test_llava_weights_load_and_only_the_combiner_is_new():
     from transformers import LlavaForConditionalGeneration
 
-    from comm_vlm.tiny import tiny_llava_config
+    from comm_vlm.testing import tiny_llava_config
 
     llava = LlavaForConditionalGeneration(tiny_llava_config())
     model = AdaptiveCombinerForConditionalGeneration(tiny_config())

@@ -3,7 +3,7 @@
 import pytest
 
 from comm_vlm import CommConfig
-from comm_vlm.tiny import tiny_comm_config, tiny_text_config, tiny_vision_config
+from comm_vlm.testing import tiny_comm_config, tiny_text_config, tiny_vision_config
 
 
 def test_defaults_reproduce_comm():

@@ -20,7 +20,7 @@ from transformers import (
 from comm_vlm.cli import main
 from comm_vlm.convert import convert_checkpoint
 from comm_vlm.hub import add_to_hub_cache
-from comm_vlm.tiny import build_tiny_tokenizer, tiny_image_processor, tiny_llava_config
+from comm_vlm.testing import build_tiny_tokenizer, tiny_image_processor, tiny_llava_config
 
 
 PROMPT = "USER: <image>\nWhat is in the picture? ASSISTANT:"

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoProcessor, pipeline
 
 from comm_vlm.cli import main, run_demo
-from comm_vlm.tiny import build_tiny_checkpoint
+from comm_vlm.testing import build_tiny_checkpoint
 
 
 @pytest.mark.parametrize("layout", ["comm", "llava"])
@@ -44,7 +44,7 @@ def test_pipeline_generates_like_model_generate(tmp_path):
 def test_main_job_quick_runs_every_family_end_to_end(tmp_path, capsys):
     import json
 
-    from comm_vlm.main_job import FAMILIES, MainJobConfig
+    from comm_vlm.demo.main_job import FAMILIES, MainJobConfig
 
     assert main(["demo", "--quick", "--output-dir", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
@@ -85,8 +85,8 @@ def test_main_job_quick_runs_every_family_end_to_end(tmp_path, capsys):
 @pytest.mark.parametrize("image_after_question", [False, True])
 def test_served_grounding_prompt_is_the_training_rec_prompt(tmp_path, image_after_question):
     """The pipeline prompt of the main job renders to the same text as the REC rows the models were trained on."""
-    from comm_vlm.evaluation.synthetic import SyntheticConfig, build_rows, generate_scenes
-    from comm_vlm.main_job import MainJobConfig, grounding_prompt
+    from comm_vlm.demo.main_job import MainJobConfig, grounding_prompt
+    from comm_vlm.demo.synthetic import SyntheticConfig, build_rows, generate_scenes
 
     _, processor = build_tiny_checkpoint(tmp_path, layout="comm")
     config = MainJobConfig(image_after_question=image_after_question)
@@ -107,7 +107,7 @@ def test_served_grounding_prompt_is_the_training_rec_prompt(tmp_path, image_afte
 
 def test_m3_derived_from_a_trained_comm_starts_as_that_comm(tmp_path):
     """M3's main-job init carries every COMM weight over: at its full scale it computes COMM's logits exactly."""
-    from comm_vlm.main_job import MainJobConfig, build_family_model, derive_family_model
+    from comm_vlm.demo.main_job import MainJobConfig, build_family_model, derive_family_model
 
     config = MainJobConfig.quick()
     comm, comm_processor = build_family_model("comm", config, tmp_path / "comm")
@@ -126,7 +126,7 @@ def test_m3_derived_from_a_trained_comm_starts_as_that_comm(tmp_path):
 
 
 def test_main_job_refuses_m3_without_the_comm_it_starts_from(tmp_path):
-    from comm_vlm.main_job import MainJobConfig, run_main_job
+    from comm_vlm.demo.main_job import MainJobConfig, run_main_job
 
     with pytest.raises(ValueError, match="matryoshka_llava starts from the trained comm model"):
         run_main_job(tmp_path, MainJobConfig(families=("matryoshka_llava", "comm")))
@@ -150,7 +150,7 @@ def test_cli_demo_rejects_bad_families_before_any_work(tmp_path, capsys):
 def test_cli_demo_seed_reaches_data_and_training(tmp_path):
     import json
 
-    from comm_vlm.main_job import MainJobConfig, family_recipe, prepare_training_data
+    from comm_vlm.demo.main_job import MainJobConfig, family_recipe, prepare_training_data
 
     out = tmp_path / "seed1"
     assert main(["demo", "--quick", "--families", "comm", "--seed", "1", "--output-dir", str(out)]) == 0
@@ -172,7 +172,7 @@ def test_cli_demo_seed_reaches_data_and_training(tmp_path):
 
 def test_vqa_is_scored_on_the_held_out_scenes_and_more(tmp_path):
     """`vqa_test_scenes`: VQA rows from more held-out scenes, starting with the other tasks' scenes and questions."""
-    from comm_vlm.main_job import MainJobConfig, prepare_training_data
+    from comm_vlm.demo.main_job import MainJobConfig, prepare_training_data
 
     config = MainJobConfig.quick()  # 6 held-out scenes, VQA on 12
     test = prepare_training_data(config, tmp_path / "more")[0]["test"]
@@ -190,7 +190,7 @@ def test_vqa_is_scored_on_the_held_out_scenes_and_more(tmp_path):
 
 
 def test_for_run_is_the_cli_s_config():
-    from comm_vlm.main_job import MainJobConfig
+    from comm_vlm.demo.main_job import MainJobConfig
 
     assert MainJobConfig.for_run() == MainJobConfig()
     assert MainJobConfig.for_run(long=True, seed=3) == replace(MainJobConfig.long(), seed=3)
@@ -203,7 +203,7 @@ def test_for_run_is_the_cli_s_config():
 def test_long_job_gives_the_combiner_the_rec_weighted_stage_2(tmp_path):
     """`MainJobConfig.long()` changes only the combiner: 32 latents, 2400 stage-2 steps on the job's mixture, REC
     included."""
-    from comm_vlm.main_job import MainJobConfig, family_plan, family_recipe
+    from comm_vlm.demo.main_job import MainJobConfig, family_plan, family_recipe
 
     default, long = MainJobConfig(), MainJobConfig.long()
     paths = {group: tmp_path / f"train_{group}.jsonl" for group in ("all", "short", "rec")}
@@ -222,7 +222,7 @@ def test_long_job_gives_the_combiner_the_rec_weighted_stage_2(tmp_path):
 def test_family_recipes_carry_their_learning_rates_and_mixtures(tmp_path):
     """The combiner trains at `learning_rate_scales` x the job's rate and without the extra REC weight; COMM keeps
     the job's rate and its REC-weighted stage 2."""
-    from comm_vlm.main_job import MainJobConfig, family_recipe
+    from comm_vlm.demo.main_job import MainJobConfig, family_recipe
 
     config = MainJobConfig(learning_rate=5e-4, rec_weight=3.0)
     paths = {group: tmp_path / f"train_{group}.jsonl" for group in ("all", "short", "rec")}

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from comm_vlm.evaluation.synthetic import COLOURS, SHAPES, generate_scenes
-from comm_vlm.tiny import build_tiny_checkpoint, build_tiny_tokenizer, tiny_vision_config
-from comm_vlm.training.encoder_warmup import patch_labels, warm_up_encoders
+from comm_vlm.demo.encoder_warmup import patch_labels, warm_up_encoders
+from comm_vlm.demo.synthetic import COLOURS, SHAPES, generate_scenes
+from comm_vlm.testing import build_tiny_checkpoint, build_tiny_tokenizer, tiny_vision_config
 
 
 def test_patch_labels_name_the_object_under_each_patch_and_its_box():

@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
+from comm_vlm.demo.synthetic import TASKS, make_synthetic_dataset
 from comm_vlm.evaluation.runners import evaluate, evaluate_matryoshka, generate_answers
-from comm_vlm.evaluation.synthetic import TASKS, make_synthetic_dataset
 from comm_vlm.evaluation.tasks import TASK_SPECS, pope_object_prior, rec_chance
-from comm_vlm.tiny import build_tiny_checkpoint
+from comm_vlm.testing import build_tiny_checkpoint
 
 
 SHORT = {"rec": 6, "reg": 4, "caption": 4, "pope": 3, "vqa": 3}
@@ -138,11 +138,11 @@ def test_matryoshka_runner_with_stub_and_custom_oracle(tiny, dataset, tmp_path):
 
 
 def test_matryoshka_runner_on_tiny_m3_model(dataset, tmp_path):
-    pytest.importorskip("comm_vlm.modeling_matryoshka")
-    from comm_vlm.configuration_matryoshka import MatryoshkaLlavaConfig
-    from comm_vlm.modeling_matryoshka import MatryoshkaLlavaForConditionalGeneration
-    from comm_vlm.processing_matryoshka import MatryoshkaLlavaProcessor
-    from comm_vlm.tiny import CHAT_TEMPLATE, build_tiny_tokenizer, tiny_comm_config, tiny_image_processor
+    pytest.importorskip("comm_vlm.models.modeling_matryoshka")
+    from comm_vlm.models.configuration_matryoshka import MatryoshkaLlavaConfig
+    from comm_vlm.models.modeling_matryoshka import MatryoshkaLlavaForConditionalGeneration
+    from comm_vlm.models.processing_matryoshka import MatryoshkaLlavaProcessor
+    from comm_vlm.testing import CHAT_TEMPLATE, build_tiny_tokenizer, tiny_comm_config, tiny_image_processor
 
     fields = tiny_comm_config("llava").to_dict()
     for key in ("model_type", "transformers_version", "architectures"):

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from comm_vlm.configuration_comm import ALIGNERS, MERGE_STRATEGIES
-from comm_vlm.feature_merging import (
+from comm_vlm.models.configuration_comm import ALIGNERS, MERGE_STRATEGIES
+from comm_vlm.models.feature_merging import (
     ALIGNER_REGISTRY,
     MERGE_REGISTRY,
     ConvLayerscaleMerge,

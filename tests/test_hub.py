@@ -25,7 +25,7 @@ from comm_vlm.hub import (
     render_model_card,
     save_for_hub,
 )
-from comm_vlm.tiny import (
+from comm_vlm.testing import (
     CHAT_TEMPLATE,
     IMAGE_TOKEN_ID,
     build_tiny_tokenizer,
@@ -490,7 +490,7 @@ def test_load_by_repo_id_from_the_hub_cache_offline(tmp_path, monkeypatch):
 
 def test_cli_push_to_a_local_directory_with_card_and_recipe(tmp_path, capsys):
     from comm_vlm.cli import main
-    from comm_vlm.tiny import build_tiny_checkpoint
+    from comm_vlm.testing import build_tiny_checkpoint
 
     build_tiny_checkpoint(tmp_path / "ckpt", layout="llava")
     (tmp_path / "card.json").write_text(json.dumps({"base_model": ["llava-hf/llava-1.5-7b-hf"], "tags": ["tiny"]}))

@@ -1,4 +1,4 @@
-"""COMM's layer study (`comm_vlm.layer_study`) at CI size: one frozen CLIP shared by every readout variant."""
+"""COMM's layer study (`comm_vlm.demo.layer_study`) at CI size: one frozen CLIP shared by every readout variant."""
 
 import contextlib
 import io
@@ -11,7 +11,7 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText
 
 from comm_vlm.cli import main
-from comm_vlm.layer_study import (
+from comm_vlm.demo.layer_study import (
     METRICS,
     MFM_STRATEGIES,
     QUICK_VARIANTS,
@@ -133,7 +133,7 @@ def test_bad_variant_raises_before_writing_anything(tmp_path, capsys):
 def test_stage_steps_override_the_main_jobs_comm_schedule():
     """The full study trains the main job's COMM recipe, whose own per-family steps must yield to --stage-steps."""
     from comm_vlm.cli import build_parser, layer_study_config
-    from comm_vlm.main_job import family_recipe
+    from comm_vlm.demo.main_job import family_recipe
 
     default = layer_study_config(build_parser().parse_args(["layer-study"]))
     assert "comm" in default.job.family_stage_steps  # the precedence this test is about

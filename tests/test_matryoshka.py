@@ -22,9 +22,9 @@ from comm_vlm import (
     select_visual_tokens,
     valid_matryoshka_scales,
 )
-from comm_vlm.configuration_matryoshka import default_matryoshka_scales
-from comm_vlm.packing_matryoshka import build_layout
-from comm_vlm.tiny import (
+from comm_vlm.models.configuration_matryoshka import default_matryoshka_scales
+from comm_vlm.models.packing_matryoshka import build_layout
+from comm_vlm.testing import (
     CHAT_TEMPLATE,
     IMAGE_TOKEN_ID,
     build_tiny_tokenizer,

@@ -14,7 +14,7 @@ from trl import SFTConfig, SFTTrainer  # noqa: E402
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling  # noqa: E402
 
 from comm_vlm import MatryoshkaLlavaConfig, MatryoshkaLlavaForConditionalGeneration, MatryoshkaLlavaProcessor  # noqa: E402
-from comm_vlm.tiny import (  # noqa: E402
+from comm_vlm.testing import (  # noqa: E402
     CHAT_TEMPLATE,
     IMAGE_TOKEN_ID,
     build_tiny_tokenizer,

@@ -12,7 +12,7 @@ from transformers import (
 )
 
 from comm_vlm import CommConfig, CommForConditionalGeneration, CommModel, CommProcessor
-from comm_vlm.tiny import (
+from comm_vlm.testing import (
     IMAGE_TOKEN_ID,
     build_tiny_checkpoint,
     tiny_comm_config,

@@ -1,4 +1,4 @@
-"""Tests for `comm_vlm.processing_comm`: token expansion, save/load, chat template, image conversion, boxes."""
+"""Tests for `comm_vlm.models.processing_comm`: token expansion, save/load, chat template, image conversion, boxes."""
 
 import io
 import json
@@ -11,16 +11,17 @@ import torch
 from PIL import Image, ImageFile
 from transformers import BatchFeature, CLIPImageProcessorPil
 
-from comm_vlm.processing_comm import (
+from comm_vlm.chat_templates import VICUNA_SYSTEM_PROMPT, vicuna_chat_template
+from comm_vlm.models.image_utils import (
     BoxParseResult,
-    CommProcessor,
     denormalize_box,
     format_box,
     load_image,
     normalize_box,
     parse_boxes,
 )
-from comm_vlm.tiny import VICUNA_SYSTEM_PROMPT, build_tiny_tokenizer, vicuna_chat_template
+from comm_vlm.models.processing_comm import CommProcessor
+from comm_vlm.testing import build_tiny_tokenizer
 
 
 IMAGE_TOKEN_ID = 4

@@ -6,7 +6,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from comm_vlm.evaluation.synthetic import (
+from comm_vlm.demo.synthetic import (
     COLOURS,
     POPE_SETTINGS,
     TASKS,
@@ -17,7 +17,7 @@ from comm_vlm.evaluation.synthetic import (
     make_synthetic_splits,
     write_images,
 )
-from comm_vlm.processing_comm import format_box, parse_boxes
+from comm_vlm.models.image_utils import format_box, parse_boxes
 
 
 @pytest.fixture(scope="module")

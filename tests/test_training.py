@@ -12,7 +12,7 @@ from datasets import Dataset
 from PIL import Image
 from transformers import AutoModelForImageTextToText, TrainerCallback
 
-from comm_vlm.tiny import build_tiny_checkpoint
+from comm_vlm.testing import build_tiny_checkpoint
 from comm_vlm.training import (
     STAGES,
     build_dataset,

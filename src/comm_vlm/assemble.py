@@ -22,10 +22,10 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, A
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 from transformers.utils import logging
 
-from .configuration_comm import CommConfig
-from .modeling_comm import CommForConditionalGeneration
-from .processing_comm import CommProcessor
-from .tiny import CHAT_TEMPLATE as VICUNA_CHAT_TEMPLATE
+from .chat_templates import CHAT_TEMPLATE as VICUNA_CHAT_TEMPLATE
+from .models.configuration_comm import CommConfig
+from .models.modeling_comm import CommForConditionalGeneration
+from .models.processing_comm import CommProcessor
 
 
 logger = logging.get_logger(__name__)

@@ -7,11 +7,11 @@
     comm-vlm convert --from {llava-hf,llava-original} SRC DST [--to comm|matryoshka_llava] [--vision-tower P]
     comm-vlm push SRC REPO_ID [--card CARD.json] [--recipe NAME] [--max-shard-size 5GB] [--local-dir DIR]
 
-`demo` is the main job (`comm_vlm.main_job`): tiny COMM, Matryoshka-LLaVA and adaptive-combiner models trained through
+`demo` is the main job (`comm_vlm.demo.main_job`): tiny COMM, Matryoshka-LLaVA and adaptive-combiner models trained through
 both stages on synthetic scenes, evaluated on the papers' metrics against chance/majority baselines, saved, reloaded
 and served; `--quick` is the CI-sized run, `--long` the run where the combiner also trains on REC (about 6 minutes
 more, 8-11 on slower CPUs), `--families` a subset (in order; M3 needs COMM before it). `layer-study` is COMM's layer
-study (`comm_vlm.layer_study`): one frozen tiny CLIP read at each single layer or merged over all layers (MFM), each
+study (`comm_vlm.demo.layer_study`): one frozen tiny CLIP read at each single layer or merged over all layers (MFM), each
 variant trained with the main job's COMM recipe and scored on REC and POPE (table, JSON and plot). `plumbing` builds a
 tiny random COMM and its processor, saves them with `save_pretrained` (safetensors), reloads with the Auto classes,
 checks the reload is exact, and answers a chat prompt about a generated image through `pipeline("image-text-to-text")`
@@ -49,8 +49,8 @@ def run_demo(output_dir: str | Path, layout: str = "comm", seed: int = 0) -> dic
     """Runs the demo and returns what it measured (also printed by the CLI)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
 
-    from .processing_comm import format_box, normalize_box, parse_boxes
-    from .tiny import build_tiny_checkpoint
+    from .models.image_utils import format_box, normalize_box, parse_boxes
+    from .testing import build_tiny_checkpoint
 
     output_dir = Path(output_dir)
     model, _ = build_tiny_checkpoint(output_dir, layout=layout, seed=seed)
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main_job(args: argparse.Namespace) -> int:
-    from .main_job import MainJobConfig, run_main_job
+    from .demo.main_job import MainJobConfig, run_main_job
 
     config = MainJobConfig.for_run(args.quick, args.long, args.families, args.seed)
     try:
@@ -202,7 +202,7 @@ def _main_job(args: argparse.Namespace) -> int:
 
 def layer_study_config(args: argparse.Namespace):
     """The `LayerStudyConfig` of parsed `layer-study` arguments (`ValueError` for non-positive `--stage-steps`)."""
-    from .layer_study import LayerStudyConfig
+    from .demo.layer_study import LayerStudyConfig
 
     variants = tuple(args.variants) if args.variants else None
     config = LayerStudyConfig.quick(variants) if args.quick else LayerStudyConfig(variants=variants)
@@ -217,7 +217,7 @@ def layer_study_config(args: argparse.Namespace):
 
 
 def _layer_study(args: argparse.Namespace) -> int:
-    from .layer_study import VariantError, run_layer_study
+    from .demo.layer_study import VariantError, run_layer_study
 
     try:
         config = layer_study_config(args)

@@ -38,9 +38,10 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_
 from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
 from transformers.utils import logging
 
+from .chat_templates import VICUNA_SYSTEM_PROMPT, vicuna_chat_template
+from .families import clip_image_processor
 from .hub import ModelCardInfo, save_for_hub
-from .processing_comm import CommProcessor
-from .tiny import VICUNA_SYSTEM_PROMPT, tiny_image_processor, vicuna_chat_template
+from .models.processing_comm import CommProcessor
 
 
 logger = logging.get_logger(__name__)
@@ -287,7 +288,7 @@ def _plan_llava_original(source: Path, vision_tower: str | None, problems: list[
     if (tower_dir / "preprocessor_config.json").is_file():
         image_processor = AutoImageProcessor.from_pretrained(tower_dir)
     else:
-        image_processor = tiny_image_processor(vision.get("image_size", 336))  # CLIP's: resize, center crop
+        image_processor = clip_image_processor(vision.get("image_size", 336))  # CLIP's: resize, center crop
     if config.get("image_aspect_ratio") == "pad":
         limitations.append(
             "LLaVA-1.5 pads images to a square with the mean colour before CLIP's preprocessing; this processor "

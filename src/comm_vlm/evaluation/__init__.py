@@ -2,8 +2,6 @@
 
 * `metrics`: REC accuracy at IoU >= 0.5, CIDEr-D (as coco-caption), POPE accuracy/precision/recall/F1/yes-ratio,
   official VQA accuracy (COMM, Jiang et al. 2023; Shikra; POPE; VQAv2).
-* `scenes` and `synthetic`: deterministic coloured-shape scenes, and their REC, REG, POPE, VQA and caption rows in
-  TRL's conversational format.
 * `tasks`: the task registry (metric, generation length, baseline per task).
 * `runners`: `evaluate` (one model) and `evaluate_matryoshka` (every M3 scale, oracle analysis, accuracy-vs-tokens
   plot).
@@ -20,38 +18,30 @@ from .metrics import (
     vqa_accuracy,
     vqa_score,
 )
+from .oracle import OracleReport, oracle_analysis, plot_oracle
 from .runners import EvalResult, MatryoshkaEvalResult, evaluate, evaluate_matryoshka, generate_answers
-from .synthetic import (
-    SyntheticConfig,
-    generate_scenes,
-    make_synthetic_dataset,
-    make_synthetic_splits,
-    write_images,
-)
 from .tasks import TASK_SPECS, TaskSpec, rec_chance
 
 
 __all__ = [
     "TASK_SPECS",
     "EvalResult",
+    "OracleReport",
     "MatryoshkaEvalResult",
-    "SyntheticConfig",
     "TaskSpec",
     "box_iou",
     "caption_tokenize",
     "cider_d",
     "evaluate",
     "evaluate_matryoshka",
+    "oracle_analysis",
     "generate_answers",
-    "generate_scenes",
-    "make_synthetic_dataset",
-    "make_synthetic_splits",
     "normalize_vqa_answer",
     "parse_yes_no",
+    "plot_oracle",
     "pope_metrics",
     "rec_accuracy",
     "rec_chance",
     "vqa_accuracy",
     "vqa_score",
-    "write_images",
 ]

@@ -2,7 +2,7 @@
 
 * **REC** (referring expression comprehension; RefCOCO/+/g as evaluated by Shikra, Chen et al. 2023, and COMM, Jiang
   et al. 2023): the first well-formed Shikra box `[x1,y1,x2,y2]` found in the generated text (see
-  `comm_vlm.processing_comm.parse_boxes`) is compared with the target box; a sample is correct when IoU >= 0.5
+  `comm_vlm.models.processing_comm.parse_boxes`) is compared with the target box; a sample is correct when IoU >= 0.5
   (inclusive). A text with no well-formed box counts as wrong (IoU 0), as in Shikra's evaluation, which scores a failed
   extraction as an empty box.
 * **CIDEr** for REG and captioning: CIDEr-D exactly as the COCO caption evaluation computes it (Vedantam et al. 2015,
@@ -37,7 +37,7 @@ from typing import Any
 
 from transformers.utils import logging
 
-from ..processing_comm import parse_boxes
+from ..models.image_utils import parse_boxes
 
 
 logger = logging.get_logger(__name__)

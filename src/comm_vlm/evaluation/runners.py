@@ -1,6 +1,6 @@
 """Benchmark runners: generate answers for task rows, score them with the papers' metrics, compare to baselines.
 
-The rows follow `comm_vlm.evaluation.synthetic` (TRL conversational `messages` + `images`, plus `task`, `answer`,
+The rows follow `comm_vlm.demo.synthetic` (TRL conversational `messages` + `images`, plus `task`, `answer`,
 `references`, `box`, `pope_setting`, `question_type`); any dataset with those columns works (RefCOCO converted to
 Shikra boxes, POPE, VQAv2, COCO captions). Each task of `TASK_SPECS` defines its metric (COMM, Jiang et al. 2023:
 REC accuracy at IoU >= 0.5, REG/caption CIDEr-D, POPE accuracy/F1/yes-ratio, VQA accuracy), its generation length
@@ -9,7 +9,7 @@ REG, captions, POPE and VQA).
 
 Generation is greedy, batched, left-padded, with a tqdm bar. For M3 (Cai et al. 2024), `evaluate_matryoshka` runs
 every visual-token scale (passing `matryoshka_scale` to the processor through `processor_kwargs`), feeds the per-sample
-correctness to the oracle analysis (`comm_vlm.matryoshka_oracle.oracle_analysis`, or any callable with its signature)
+correctness to the oracle analysis (`comm_vlm.evaluation.oracle.oracle_analysis`, or any callable with its signature)
 and plots each task's metric against the visual tokens.
 """
 
@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from ..processing_comm import load_image
+from ..models.image_utils import load_image
 from .tasks import TASK_SPECS
 
 
@@ -207,7 +207,7 @@ def _rows_by_task(dataset: Any, tasks: Sequence[str] | None) -> dict[str, list[d
         if needed not in columns:
             raise ValueError(
                 f"The dataset has no {needed!r} column (columns: {columns}); build it with "
-                "comm_vlm.evaluation.synthetic.make_synthetic_dataset or add the column."
+                "comm_vlm.demo.synthetic.make_synthetic_dataset or add the column."
             )
     all_tasks = list(dataset["task"]) if hasattr(dataset, "column_names") else [r["task"] for r in dataset]
     wanted = list(dict.fromkeys(all_tasks)) if tasks is None else list(tasks)
@@ -320,7 +320,7 @@ class MatryoshkaEvalResult:
         per_scale (`dict[int, EvalResult]`): the full results at each scale.
         tokens_per_scale (`dict[int, float]`): visual tokens per sample at each scale (scale x images per row).
         oracle (`dict[str, Any]`): per binary task (REC, POPE, VQA), the oracle report (fewest tokens that answer
-            each sample correctly; see `comm_vlm.matryoshka_oracle`). CIDEr tasks have no binary correctness and no
+            each sample correctly; see `comm_vlm.evaluation.oracle`). CIDEr tasks have no binary correctness and no
             oracle.
         plot_path (`str`, *optional*): the accuracy-vs-tokens PNG, when written.
     """
@@ -389,7 +389,7 @@ class MatryoshkaEvalResult:
 
 
 def _default_oracle() -> Callable[..., Any]:
-    from ..matryoshka_oracle import oracle_analysis
+    from .oracle import oracle_analysis
 
     return oracle_analysis
 
@@ -417,7 +417,7 @@ def evaluate_matryoshka(
         scales (`Sequence[int]`, *optional*): scales to run (default: `model.config.matryoshka_scales`, else the
             processor's `matryoshka_scales`).
         oracle_fn (`Callable`, *optional*): `oracle_fn(predictions={scale: [...]}, references=[...],
-            is_correct=..., tokens_per_scale={...})` (default: `comm_vlm.matryoshka_oracle.oracle_analysis`).
+            is_correct=..., tokens_per_scale={...})` (default: `comm_vlm.evaluation.oracle.oracle_analysis`).
         output_dir (`str` or `os.PathLike`, *optional*): write the JSON, Markdown and `accuracy_vs_tokens.png` there.
         plot (`bool`): draw the plot (needs `output_dir` and matplotlib).
         processor_kwargs (`dict`, *optional*): other processor arguments.

@@ -20,7 +20,7 @@ from typing import Any
 from datasets import Dataset, interleave_datasets, load_dataset
 from transformers.utils import logging
 
-from ..processing_comm import format_box, load_image, normalize_box
+from ..models.image_utils import format_box, load_image, normalize_box
 
 
 logger = logging.get_logger(__name__)

@@ -135,7 +135,7 @@ def _load_model(source: dict, run_dir: Path):
 
         return assemble_comm(dtype=source.get("dtype", "float32"), **source["assemble"])
     if "tiny" in source:
-        from ..tiny import build_tiny_checkpoint
+        from ..testing import build_tiny_checkpoint
 
         path = run_dir / "init"
         build_tiny_checkpoint(path, layout=source["tiny"], seed=source.get("seed", 0))

@@ -32,7 +32,7 @@ class CommSFTTrainer(SFTTrainer):
     On a CPU it also scores only the answer tokens (`answer_token_loss`): TRL's fused LM head, built to avoid the full
     logits of large vocabularies on GPUs, runs there as torch ops over every position of the batch, prompt and image
     tokens included. Same loss, gradients and logged metrics; a main-job loss step takes 0.82x as long
-    (`benchmarks/bench_train_step.py`), a step of `Trainer.train` 0.85x (`benchmarks/main_job/NOTES.md`, stop 22).
+    (`benchmarks/bench_train_step.py`), a step of `Trainer.train` 0.85x (`research/results/NOTES.md`, stop 22).
     """
 
     # The most logits (batch x sequence x vocabulary values) `answer_token_loss` materialises: 2**26, 256 MB in fp32

@@ -1,0 +1,80 @@
+"""The model families: a registry of their config, model and processor classes, and their processors.
+
+A family is named by its `model_type` (`comm`, `matryoshka_llava`, `adaptive_combiner`). Code that builds, converts,
+assembles or trains a model looks its classes up here instead of branching on the name.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Any
+
+from .chat_templates import CHAT_TEMPLATE
+from .models.configuration_combiner import AdaptiveCombinerConfig
+from .models.configuration_comm import CommConfig
+from .models.configuration_matryoshka import MatryoshkaLlavaConfig
+from .models.modeling_combiner import AdaptiveCombinerForConditionalGeneration, AdaptiveCombinerModel
+from .models.modeling_comm import CommForConditionalGeneration, CommModel
+from .models.modeling_matryoshka import MatryoshkaLlavaForConditionalGeneration, MatryoshkaLlavaModel
+from .models.processing_comm import CommProcessor
+from .models.processing_matryoshka import MatryoshkaLlavaProcessor
+
+
+@dataclass(frozen=True)
+class Family:
+    """The classes of one model family."""
+
+    config_class: type
+    base_model_class: type
+    model_class: type
+    processor_class: type
+
+
+FAMILIES: dict[str, Family] = {
+    "comm": Family(CommConfig, CommModel, CommForConditionalGeneration, CommProcessor),
+    "matryoshka_llava": Family(
+        MatryoshkaLlavaConfig, MatryoshkaLlavaModel, MatryoshkaLlavaForConditionalGeneration, MatryoshkaLlavaProcessor
+    ),
+    "adaptive_combiner": Family(
+        AdaptiveCombinerConfig, AdaptiveCombinerModel, AdaptiveCombinerForConditionalGeneration, CommProcessor
+    ),
+}
+
+
+def get_family(name: str) -> Family:
+    """The classes of family `name`; raises `ValueError` naming the known families for any other name."""
+    if name not in FAMILIES:
+        raise ValueError(f"Unknown model family {name!r}; use one of {sorted(FAMILIES)}.")
+    return FAMILIES[name]
+
+
+def clip_image_processor(image_size: int = 336):
+    """CLIP's image processor (resize the shortest edge, center crop, CLIP normalisation) at `image_size`, as
+    LLaVA-1.5 and COMM preprocess; the PIL backend when torchvision is not installed (torchvision stays optional)."""
+    if importlib.util.find_spec("torchvision") is not None:
+        from transformers import CLIPImageProcessor as processor_class
+    else:
+        from transformers import CLIPImageProcessorPil as processor_class
+    return processor_class(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+
+
+def family_processor(family: str, config: Any, image_processor: Any, tokenizer: Any, chat_template: str | None = None):
+    """The processor of `family` for a model `config`: its visual tokens per image (the combiner's latents, else the
+    grid) and, for M3, its scales. `chat_template` defaults to Vicuna-v1's (`chat_templates.CHAT_TEMPLATE`)."""
+    kwargs = {}
+    if family == "matryoshka_llava":
+        kwargs = {
+            "matryoshka_scales": config.matryoshka_scales,
+            "matryoshka_default_scale": config.matryoshka_default_scale,
+        }
+    return get_family(family).processor_class(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        num_image_tokens=getattr(config, "combiner_num_latents", config.image_seq_length),
+        chat_template=chat_template or CHAT_TEMPLATE,
+        **kwargs,
+    )
+
+
+__all__ = ["FAMILIES", "Family", "clip_image_processor", "family_processor", "get_family"]

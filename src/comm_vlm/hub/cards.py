@@ -1,0 +1,283 @@
+"""Model cards: the method, its configuration, the training stages and evaluation results, rendered from the
+templates in `model_cards/`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from transformers.utils import logging
+
+from ..models.configuration_comm import CommConfig, patch_grid
+
+
+logger = logging.get_logger(__name__)
+
+
+# Per model type: the method's display name, its paper and the card tags. Prose lives in model_cards/method_*.md.
+METHODS: dict[str, dict[str, Any]] = {
+    "comm": dict(
+        name="COMM",
+        paper="From CLIP to DINO: Visual Encoders Shout in Multi-modal Large Language Models",
+        arxiv="2310.08825",
+        tags=["comm", "llava", "clip", "dinov2", "multi-level-feature-merging"],
+    ),
+    "matryoshka_llava": dict(
+        name="Matryoshka-LLaVA (M3)",
+        paper="Matryoshka Multimodal Models",
+        arxiv="2405.17430",
+        tags=["matryoshka", "m3", "llava", "visual-token-compression"],
+    ),
+    "adaptive_combiner": dict(
+        name="Adaptive combiner",
+        paper="Joint Adaptive Representations for Image-Language Learning",
+        arxiv="2305.19924",
+        tags=["adaptive-combiner", "llava", "token-fusion"],
+    ),
+}
+
+
+def _method(model_type: str) -> dict[str, Any]:
+    if model_type not in METHODS:
+        raise ValueError(
+            f"No model-card entry for model_type {model_type!r}: add it to `comm_vlm.hub.METHODS` and write "
+            f"`comm_vlm/hub/model_cards/method_{model_type}.md`. Known: {sorted(METHODS)}."
+        )
+    return METHODS[model_type]
+
+
+@dataclass
+class ModelCardInfo:
+    """What the model card says beyond the config: provenance, training, results, use.
+
+    Args:
+        model_name (`str`, *optional*): display name and `model-index` name (default: the repo name or model type).
+        repo_id (`str`, *optional*): the Hub repo, used in the usage snippet.
+        base_model (`list[str]`): Hub ids of the checkpoints this one derives from (encoders, LLM, converted source).
+        datasets (`list[str]`): Hub dataset ids trained on (metadata); describe local data in `training`.
+        license (`str`): SPDX-style license id of the weights.
+        language (`list[str]`): languages of the training text.
+        training (`list[dict]`): one dict per stage: `stage`, `data` (str or list), `trainable` (list),
+            `hyperparameters` (dict). `training_from_recipe` builds it from a YAML recipe.
+        eval_results (`list[EvalResult | dict]`): results of *this* checkpoint, written as `model-index`. Dicts take
+            `EvalResult`'s fields (`task_type`, `dataset_type`, `dataset_name`, `metric_type`, `metric_value`, ...).
+        notes (`list[str]`): extra provenance lines (e.g. "converted from the LLaVA training-code layout").
+        intended_use (`str`, *optional*): replaces the default intended-use paragraph.
+        limitations (`list[str]`): added to the default limitations.
+        tags (`list[str]`): extra Hub tags.
+    """
+
+    model_name: str | None = None
+    repo_id: str | None = None
+    base_model: list[str] = field(default_factory=list)
+    datasets: list[str] = field(default_factory=list)
+    license: str = "apache-2.0"
+    language: list[str] = field(default_factory=lambda: ["en"])
+    training: list[dict[str, Any]] = field(default_factory=list)
+    eval_results: list[Any] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    intended_use: str | None = None
+    limitations: list[str] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelCardInfo:
+        """Builds the info from a JSON-style dict (the CLI's `--card FILE.json`).
+
+        Raises:
+            ValueError: unknown keys (listed, with the known ones).
+        """
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Unknown model-card fields {unknown}; known: {sorted(known)}.")
+        return cls(**data)
+
+
+def _eval_results(items: list[Any]) -> list[EvalResult]:
+    results = []
+    for item in items:
+        if isinstance(item, EvalResult):
+            results.append(item)
+            continue
+        try:
+            results.append(EvalResult(**item))
+        except TypeError as err:
+            raise ValueError(
+                f"Invalid evaluation result {item!r} ({err}): give task_type, dataset_type, dataset_name, "
+                "metric_type and metric_value (plus optional EvalResult fields)."
+            ) from err
+    return results
+
+
+def _training_stages(stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Validates `ModelCardInfo.training` and fills the optional keys."""
+    known = {"stage", "data", "trainable", "hyperparameters"}
+    normalized = []
+    for stage in stages:
+        if not isinstance(stage, dict) or "stage" not in stage or set(stage) - known:
+            raise ValueError(
+                f"Invalid training stage {stage!r}: give a dict with 'stage' and optionally 'data' (str or list), "
+                "'trainable' (list) and 'hyperparameters' (dict)."
+            )
+        normalized.append({"data": "", "trainable": [], "hyperparameters": {}, **stage})
+    return normalized
+
+
+def training_from_recipe(recipe: dict[str, Any]) -> list[dict[str, Any]]:
+    """Turns a loaded training recipe (`comm_vlm.training.load_recipe`) into `ModelCardInfo.training` stages.
+
+    Args:
+        recipe (`dict`): with `stages`, each having `stage`, `dataset` and `args` (SFTConfig fields).
+    """
+    from ..training.stages import STAGES
+
+    stages = []
+    for stage in recipe.get("stages", []):
+        dataset = stage.get("dataset", {})
+        if "mixture" in dataset:
+            data = [
+                f"{d.get('path')} ({d.get('format', 'auto')}, weight {d.get('weight', 1)})" for d in dataset["mixture"]
+            ]
+        elif "tiny" in dataset:
+            data = [f"synthetic tiny data ({dataset['tiny']} samples)"]
+        else:
+            data = [f"{dataset.get('path')} ({dataset.get('format', 'auto')})"]
+        spec = STAGES.get(stage["stage"])
+        trainable = list(spec.trains) if spec is not None else []
+        if stage.get("peft"):
+            trainable.append(f"LoRA {stage['peft']}")
+        stages.append(
+            {"stage": stage["stage"], "data": data, "trainable": trainable, "hyperparameters": stage.get("args", {})}
+        )
+    return stages
+
+
+def _format_layers(layers: list[int]) -> str:
+    """`[1, 2, 3, 5]` -> `"1-3, 5"`."""
+    runs: list[list[int]] = []
+    for layer in layers:
+        if runs and layer == runs[-1][-1] + 1:
+            runs[-1].append(layer)
+        else:
+            runs.append([layer])
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 2 else ", ".join(map(str, r)) for r in runs)
+
+
+def describe_config(config: CommConfig) -> dict[str, Any]:
+    """The architecture facts a model card shows, read from a COMM-family config.
+
+    Returns:
+        `dict`: `encoders` (per encoder: role, family, depth, width, resolution, layers, merge, aligner), `projector`,
+        `llm`, `visual_tokens` (per image, from the encoder), `llm_tokens` (per image, in the LLM input) and
+        `family_fields` (`(name, value)` of the fields the config's class adds to `CommConfig`).
+    """
+    encoders = []
+    for prefix in config.encoder_prefixes:
+        branch = config.branch(prefix)
+        vision = branch["vision_config"]
+        aligner = branch["aligner"]
+        if aligner == "mlp":
+            aligner = (
+                f"mlp ({branch['aligner_depth']} layers, ratio {branch['aligner_ratio']}, {config.aligner_hidden_act})"
+            )
+        grid = patch_grid(vision)
+        encoders.append(
+            {
+                "role": "primary" if prefix == "vision" else "secondary",
+                "model_type": vision.model_type,
+                "num_layers": vision.num_hidden_layers,
+                "hidden_size": vision.hidden_size,
+                "resolution": f"{vision.image_size} px, patch {vision.patch_size} ({grid}x{grid} patches)",
+                "layers": _format_layers(branch["layers"]),
+                "merge": branch["merge"],
+                "aligner": aligner,
+            }
+        )
+    text = config.text_config
+    depth = config.projector_depth
+    projector = "linear" if depth == 1 else f"MLP, {depth} linear layers, {config.projector_hidden_act}"
+    base_fields = set(getattr(CommConfig, "__annotations__", {}))
+    family_fields = []
+    for klass in reversed(type(config).__mro__):
+        if issubclass(klass, CommConfig) and klass is not CommConfig:
+            for name in vars(klass).get("__annotations__", {}):
+                if name not in base_fields and not name.startswith("_"):
+                    family_fields.append((name, getattr(config, name)))
+    llm_tokens = getattr(config, "num_image_tokens", None)  # a family's tokens per image in the LLM input
+    llm_tokens = llm_tokens() if callable(llm_tokens) else llm_tokens
+    return {
+        "encoders": encoders,
+        "projector": f"{projector}, to the LLM width {text.hidden_size}",
+        "llm": f"{text.model_type}, {text.num_hidden_layers} layers, width {text.hidden_size}, "
+        f"vocabulary {text.vocab_size}",
+        "visual_tokens": config.image_seq_length,
+        "llm_tokens": llm_tokens if llm_tokens is not None else config.image_seq_length,
+        "family_fields": family_fields,
+    }
+
+
+def _load_template(name: str) -> str | None:
+    """Jinja loader over `comm_vlm/hub/model_cards/`, through importlib.resources (works from wheels and zips)."""
+    resource = resources.files("comm_vlm.hub").joinpath("model_cards", name)
+    return resource.read_text(encoding="utf-8") if resource.is_file() else None
+
+
+def render_model_card(config: CommConfig, info: ModelCardInfo | None = None) -> ModelCard:
+    """Renders `model_cards/model_card.md` for a COMM-family config.
+
+    Args:
+        config (`CommConfig` or a subclass): the model's config (its `model_type` picks the method section).
+        info (`ModelCardInfo`, *optional*): provenance, training, results and use; defaults to an empty info.
+
+    Returns:
+        `huggingface_hub.ModelCard` whose `.data` holds the YAML metadata (with `model-index` when results are given).
+    """
+    import jinja2
+
+    info = info or ModelCardInfo()
+    method = _method(config.model_type)
+    model_name = info.model_name or (info.repo_id.split("/")[-1] if info.repo_id else f"{config.model_type}-model")
+    eval_results = _eval_results(info.eval_results)
+    tags = [
+        "comm-vlm",
+        config.model_type,
+        *method["tags"],
+        "image-text-to-text",
+        "custom_code",
+        f"arxiv:{method['arxiv']}",
+    ]
+    card_data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="image-text-to-text",
+        license=info.license,
+        language=info.language or None,
+        base_model=info.base_model or None,
+        datasets=info.datasets or None,
+        tags=list(dict.fromkeys(tags + info.tags)),
+        model_name=model_name if eval_results else None,
+        eval_results=eval_results or None,
+    )
+    env = jinja2.Environment(
+        loader=jinja2.FunctionLoader(_load_template),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    content = env.get_template("model_card.md").render(
+        card_data=card_data.to_yaml(),
+        model_name=model_name,
+        repo_id=info.repo_id or f"<user>/{model_name}",
+        model_type=config.model_type,
+        method=method,
+        method_template=f"method_{config.model_type}.md",
+        arch=describe_config(config),
+        info=info,
+        training=_training_stages(info.training),
+        eval_results=eval_results,
+    )
+    return ModelCard(content)

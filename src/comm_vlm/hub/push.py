@@ -1,0 +1,104 @@
+"""Saving and pushing a checkpoint as it goes to the Hub: weights, processor, remote code and model card.
+
+save_for_hub(model, "out/", processor, card=ModelCardInfo(...))   # the files, in a local folder
+push_to_hub(model, "me/comm-7b", processor, card=...)             # the same files, in one commit
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import CommitOperationAdd, HfApi
+from transformers.utils import logging
+
+from .cards import ModelCardInfo, render_model_card
+from .remote_code import check_remote_code, remote_code_export
+
+
+logger = logging.get_logger(__name__)
+
+
+def save_for_hub(
+    model: Any,
+    save_directory: str | os.PathLike,
+    processor: Any = None,
+    card: ModelCardInfo | None = None,
+    max_shard_size: int | str = "5GB",
+) -> list[str]:
+    """Writes everything a Hub repo needs: safetensors (sharded above `max_shard_size`), config, generation config,
+    processor, remote code and a model card (`README.md`).
+
+    Args:
+        model (`PreTrainedModel`): a COMM-family model.
+        save_directory (`str` or `os.PathLike`): created if missing; existing files of the same names are replaced.
+        processor (`ProcessorMixin`, *optional*): saved next to the model (needed by `AutoProcessor` / `pipeline`).
+        card (`ModelCardInfo`, *optional*): the card's content beyond the config.
+        max_shard_size (`int` or `str`): largest safetensors shard, e.g. `"5GB"`.
+
+    Returns:
+        `list[str]`: the written files, relative to `save_directory`, sorted.
+    """
+    save_directory = Path(save_directory)
+    with remote_code_export(model, processor):
+        model.save_pretrained(save_directory, max_shard_size=max_shard_size)
+        if processor is not None:
+            processor.save_pretrained(save_directory)
+    check_remote_code(save_directory)
+    render_model_card(model.config, card).save(save_directory / "README.md")
+    return sorted(p.relative_to(save_directory).as_posix() for p in save_directory.rglob("*") if p.is_file())
+
+
+def push_to_hub(
+    model: Any,
+    repo_id: str,
+    processor: Any = None,
+    card: ModelCardInfo | None = None,
+    *,
+    max_shard_size: int | str = "5GB",
+    private: bool | None = None,
+    token: str | bool | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    commit_message: str | None = None,
+    api: HfApi | None = None,
+) -> Any:
+    """Pushes a model, its processor, remote code and model card to the Hub in one commit.
+
+    The files are those of `save_for_hub`, written to a temporary directory and committed with
+    `HfApi.create_commit` (one `CommitOperationAdd` per file).
+
+    Args:
+        model, processor, card, max_shard_size: as for `save_for_hub` (`card.repo_id` defaults to `repo_id`).
+        repo_id (`str`): `"user/name"` or `"org/name"`; created if missing.
+        private (`bool`, *optional*): visibility of a new repo.
+        token (`str` or `bool`, *optional*): Hub token (default: the logged-in one).
+        revision (`str`, *optional*): branch to commit to (created if missing).
+        create_pr (`bool`): open a pull request instead of committing to the branch.
+        commit_message (`str`, *optional*): defaults to "Upload <model class> with comm-vlm".
+        api (`HfApi`, *optional*): the client to use (default `HfApi(token=token)`).
+
+    Returns:
+        `huggingface_hub.CommitInfo` of the commit.
+    """
+    api = api or HfApi(token=token)
+    card = card or ModelCardInfo()
+    if card.repo_id is None:
+        card = ModelCardInfo(**{**vars(card), "repo_id": repo_id})
+    repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+    if revision is not None and not create_pr:
+        api.create_branch(repo_id, branch=revision, token=token, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        files = save_for_hub(model, tmp, processor, card, max_shard_size=max_shard_size)
+        operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=os.path.join(tmp, name)) for name in files]
+        logger.info(f"Pushing {len(files)} files to {repo_id}: {files}")
+        return api.create_commit(
+            repo_id,
+            operations,
+            commit_message=commit_message or f"Upload {type(model).__name__} with comm-vlm",
+            token=token,
+            revision=revision,
+            create_pr=create_pr,
+        )
