@@ -11,7 +11,7 @@ Table 1, one training step (forward + backward, fp32, batch 2 samples, `train()`
     the other scales (shared prefix, 4D mask), run as two trimmed LLM calls;
   * all scales, packed `one_row` (the `auto` choice on GPU): every scale of a sample in one packed row, one LLM call
     (attention dense over the row);
-  * all scales, padded rows: one LLM call on B x M rows padded to the longest (the naive batched layout);
+  * all scales, padded rows: one LLM call on B x M rows padded to the longest (the naive batching);
   * M sequential passes: one forward + backward per scale (vision tower re-run each time).
 The losses of the three all-scale variants are checked equal (1e-5). FLOPs from `FlopCounterMode` (forward +
 backward; CPU SDPA kernels counted like the CUDA flash kernel, dense over the whole mask).
@@ -37,7 +37,7 @@ from bench_utils import cpu_name, interleaved_times
 from torch.utils.flop_counter import FlopCounterMode
 
 from comm_vlm import MatryoshkaLlavaConfig, MatryoshkaLlavaForConditionalGeneration
-from comm_vlm.models.packing_matryoshka import build_layout
+from comm_vlm.models.packing_matryoshka import build_scale_batch, build_training_scale_batch
 from comm_vlm.testing import IMAGE_TOKEN_ID, tiny_text_config, tiny_vision_config
 
 
@@ -133,14 +133,14 @@ def bench_training(reps: int, warmup: int) -> str:
     model = build_model().train()
     scales = model.config.matryoshka_scales
     batch = make_batch(TRAIN_BATCH, 576, with_labels=True)
-    padded = build_layout(
+    padded = build_scale_batch(
         batch["input_ids"],
         batch["attention_mask"],
         batch["labels"],
         IMAGE_TOKEN_ID,
         [[[s] for s in scales]] * TRAIN_BATCH,
         pad_token_id=TEXT["pad_token_id"],
-        layout="padded",
+        row_format="padded",
     )
     padded_inputs = {
         "input_ids": padded.input_ids,
@@ -150,10 +150,12 @@ def bench_training(reps: int, warmup: int) -> str:
         "matryoshka_image_scales": padded.image_scales,
         "matryoshka_image_index": padded.image_index,
     }
-    layouts = {}
+    scale_batches = {}
     for packing in ("split", "one_row"):
         model.config.matryoshka_packing = packing
-        layouts[packing] = model.matryoshka_layout(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        scale_batches[packing] = build_training_scale_batch(
+            model.config, batch["input_ids"], batch["attention_mask"], batch["labels"]
+        )
     auto = "split" if SETUP["device"].type == "cpu" else "one_row"
 
     def step(packing: str = "auto", **kwargs) -> torch.Tensor:
@@ -189,15 +191,15 @@ def bench_training(reps: int, warmup: int) -> str:
     base = "single scale 576 (LLaVA-1.5 step)"
     tokens = {
         base: TRAIN_BATCH * (PREFIX + 576 + QUESTION + ANSWER),
-        SPLIT: int(layouts["split"].rows[:, 0].sum()),
-        ONE_ROW: int(layouts["one_row"].rows[:, 0].sum()),
+        SPLIT: int(scale_batches["split"].rows[:, 0].sum()),
+        ONE_ROW: int(scale_batches["one_row"].rows[:, 0].sum()),
         "all scales, padded B*M rows": int(padded.input_ids.numel()),
         "all scales, M sequential passes": TRAIN_BATCH * sum(PREFIX + s + QUESTION + ANSWER for s in scales),
     }
     rows = [
         f"batch {TRAIN_BATCH} samples x (prefix {PREFIX} + image + suffix {QUESTION + ANSWER}); scales {scales}; "
-        f"row lengths per sample: split {layouts['split'].rows[:2, 0].tolist()}, one_row "
-        f"{layouts['one_row'].rows[:1, 0].tolist()}, padded {padded.input_ids.shape[1]} x {len(scales)}; "
+        f"row lengths per sample: split {scale_batches['split'].rows[:2, 0].tolist()}, one_row "
+        f"{scale_batches['one_row'].rows[:1, 0].tolist()}, padded {padded.input_ids.shape[1]} x {len(scales)}; "
         f"all-scale loss {losses[SPLIT]:.6f} (one_row {losses[ONE_ROW]:.6f}, "
         f"padded {losses['all scales, padded B*M rows']:.6f}, sequential mean {ref:.6f}); "
         f"`matryoshka_packing='auto'` uses {auto} on {SETUP['device'].type}",

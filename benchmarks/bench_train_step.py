@@ -1,6 +1,6 @@
-"""CPU cost of one main-job training step (COMM stage 2): TRL's collation and the forward/backward.
+"""CPU cost of one main-job training step (COMM stage 2): TRL's collation, the forward/backward and the loss.
 
-Two measured choices of the main job (`comm_vlm.demo.main_job`, COMM paper: Jiang et al. 2023, arXiv 2310.08825):
+Three measured choices of the main job (`comm_vlm.demo.main_job`, COMM paper: Jiang et al. 2023, arXiv 2310.08825):
 
 1. **Assistant masks.** TRL's vision collator asks the processor for assistant-token masks. `ProcessorMixin` builds
    them by iterating the `(batch, seq, 2)` offset tensor element by element; `CommProcessor` computes the same masks on

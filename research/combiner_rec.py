@@ -5,23 +5,25 @@ pools (eq. 2, then eq. 3's cross-attention). Latent attention is blind to the or
 only come from whatever position the encoder left in its features, unless position codes are added to the visual
 tokens before resampling (`combiner_image_positions`, as DETR and Perceiver do). This script trains the main job's
 combiner (same sizes, data, encoder warm-up and recipe, 16 latents) for 1200 one-word-answer steps, then 2400 steps on
-the stage-2 mixture with the REC weight, with and without the position codes. It keeps the settings it was recorded
-with (stop 14): the Vicuna system prompt in the chat template, 16 latents (`RECORDED`) and 600 encoder warm-up steps.
+the stage-2 mixture with the REC weight, with and without the position codes. By default it uses the settings
+`research/results/combiner_rec.md` was recorded with (`RECORDED`): the Vicuna system prompt in the chat template, the
+combiner on CLIP's penultimate layer (the LLaVA layout) with 16 latents, and 600 encoder warm-up steps.
 Every `--eval-every` stage-2 steps it scores REC (acc@0.5 and mean IoU) on the held-out split; at the end REC, POPE
 and VQA per question type.
 
 Writes `<name>.md` and `<name>.png` (REC acc@0.5 vs stage-2 steps; `--name`, default `combiner_rec`) to
-`--output-dir`. `--settings current` trains with today's main-job settings instead (`MainJobConfig()`: no system
-prompt, the 1200-step encoder warm-up), the same 16 latents, LLaVA layout and REC-weighted stage 2, for
-`--stage2-steps` steps.
+`--output-dir` (default `research/results`; with `--quick`, `outputs/quick`). `--settings current` trains with the
+demo's settings instead (`MainJobConfig()`: no system prompt, the 1200-step encoder warm-up) and the recorded combiner
+(16 latents, LLaVA layout, REC-weighted stage 2) for `--stage2-steps` steps; `--settings main-job` trains the demo's
+own combiner (COMM's branch) with the REC-weighted stage 2.
 
     PYTHONPATH=src python research/combiner_rec.py            # about 17 minutes on 2 cores
     PYTHONPATH=src python research/combiner_rec.py --quick    # smoke run, seconds
-    # the paper's spatial resampling against latents, today's settings (stop 18; 18 minutes on a slower machine):
+    # the paper's spatial resampling against latents, the demo's settings (about 18 minutes on 2 cores):
     PYTHONPATH=src python research/combiner_rec.py --settings current --stage2-steps 1200 --eval-every 300 \
         --seed 1 --variants "spatial resampling" "image position codes (the default)" --name combiner_rec_spatial
-    # the main job's combiner (COMM's branch) with and without resampling the image, on the encoders that
-    # `comm-vlm demo --seed 0` saved (stop 23, about 20 minutes on a slower machine):
+    # the demo's combiner (COMM's branch) with and without resampling the image, on the encoders that
+    # `comm-vlm demo --seed 0` saved (about 20 minutes on 2 cores):
     PYTHONPATH=src python research/combiner_rec.py --settings main-job --stage2-steps 900 --eval-every 150 \
         --encoders outputs/demo/encoders --variants "image position codes (the default)" \
         "no resampling (every visual token)" --name combiner_resampling_rec
@@ -55,10 +57,10 @@ from comm_vlm.evaluation.runners import evaluate  # noqa: E402
 from comm_vlm.training.recipes import run_recipe  # noqa: E402
 
 
-# The main job's settings when this was recorded: the combiner on CLIP's penultimate layer (the LLaVA layout; COMM's
-# branch since stop 21) with 16 latents, 1200+2400 steps with the stage-2 mixture's REC weight, and LLaVA-1.5's
-# (Vicuna's) system prompt in the template (and VQA on the 100 held-out scenes, which `main` sets: the quick run keeps
-# its own few).
+# The settings `combiner_rec.md` was recorded with: the combiner on CLIP's penultimate layer (the LLaVA layout; the
+# demo's combiner reads COMM's branch) with 16 latents, 1200+2400 steps with the stage-2 mixture's REC weight, and
+# LLaVA-1.5's (Vicuna's) system prompt in the template (and VQA on the 100 held-out scenes, which `main` sets: the
+# quick run keeps its own few).
 RECORDED = {
     "system_prompt": VICUNA_SYSTEM_PROMPT,
     "family_stage_steps": {"adaptive_combiner": (1200, 2400)},
@@ -77,7 +79,7 @@ VARIANTS: dict[str, dict] = {
     "no image position codes (eq. 2's input)": {"combiner_image_positions": False},
     # The paper's alternative to latents: the 8x8 patch grid average-pooled to 4x4 tokens (position codes added first).
     "spatial resampling": {"combiner_resampling": "spatial"},
-    # Beyond the paper: no resampling of the image, so eq. 3's cross-attention reads all 64 visual tokens (stop 23).
+    # Beyond the paper: no resampling of the image, so eq. 3's cross-attention reads all 64 visual tokens.
     "no resampling (every visual token)": {"combiner_resampling": "none"},
 }
 
@@ -141,7 +143,7 @@ def write_report(results: dict, output_dir: Path, stem: str = "combiner_rec") ->
         cells = [f"{100 * row['curve'][k][1]:.1f} ({row['curve'][k][2]:.3f})" for row in results.values()]
         lines.append(f"| {step} | " + " | ".join(cells) + " |")
     lines.append(
-        f"\nChance (the REC baseline): {100 * first['chance']:.1f}; the issue's bar (3x): {300 * first['chance']:.1f}."
+        f"\nChance (the REC baseline): {100 * first['chance']:.1f}; the bar (3x chance): {300 * first['chance']:.1f}."
     )
     table = "\n".join(lines)
     (output_dir / f"{stem}.md").write_text(table + "\n")
@@ -162,7 +164,7 @@ def write_report(results: dict, output_dir: Path, stem: str = "combiner_rec") ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output-dir", default="research/results")
+    parser.add_argument("--output-dir", help="default: research/results (with --quick: outputs/quick)")
     parser.add_argument("--eval-every", type=int, default=400, help="stage-2 steps between REC scores")
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--quick", action="store_true", help="tiny sizes and a few steps (a smoke run)")
@@ -170,8 +172,9 @@ def main() -> None:
         "--settings",
         choices=("recorded", "current", "main-job"),
         default="recorded",
-        help="recorded: the stop-14 job (system prompt, 600 warm-up steps); current: today's MainJobConfig() with "
-        "the recorded combiner (LLaVA layout); main-job: today's MainJobConfig() and combiner (COMM's branch)",
+        help="recorded: the settings of combiner_rec.md (system prompt, 600 warm-up steps); current: the demo's "
+        "MainJobConfig() with the recorded combiner (LLaVA layout); main-job: the demo's MainJobConfig() and combiner "
+        "(COMM's branch)",
     )
     parser.add_argument(
         "--encoders", help="a main job's saved `encoders` directory (same seed) to use instead of a new warm-up"
@@ -195,7 +198,7 @@ def main() -> None:
             MainJobConfig(warmup_steps=600, vqa_test_scenes=100), **{**RECORDED, "family_stage_steps": steps}
         )
     config.seed = options.seed
-    output_dir = Path(options.output_dir)
+    output_dir = Path(options.output_dir or ("outputs/quick" if options.quick else "research/results"))
     output_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -5,7 +5,7 @@ then eq. 3's cross-attention). With eq. 2 as printed, `f_N = W2 Attn(X_N, P(X_im
 starts near-uniform, so each latent is a near-copy of one mean token; the text latents are worse off, because the
 LLM's text embeddings are small (std = the LLM's init) and give flat attention logits. The model must then learn to
 tell objects apart through two flat attention pools, and in the main job's budget it learns yes/no questions at best,
-not attributes (in stop 12's schedule it stayed at the text-only priors). This script trains the main job's combiner
+not attributes (with 250+200 steps it stays at the text-only priors). This script trains the main job's combiner
 (same sizes, data, encoder warm-up and stage-1 recipe: one-word-answer rows, batch 16, LLM lr 1e-3) once per variant:
 
 - `combiner_latent_residual`: `X_N + W2 Attn(X_N, X)` (DETR's and Perceiver's latents) instead of eq. 2;
@@ -15,7 +15,10 @@ not attributes (in stop 12's schedule it stayed at the text-only priors). This s
 For each it reports POPE accuracy, VQA accuracy per question type on the held-out split, and `fused cos`: the mean
 cosine similarity between the fused tokens of 32 test images asked the same question (1.0 = the image makes no
 difference).
-Writes `combiner_study.md` and `combiner_study.png` to `--output-dir`.
+It keeps the settings `research/results/combiner_study.md` was recorded with: LLaVA-1.5's system prompt, the 600-step
+encoder warm-up and the combiner on CLIP's penultimate layer (the LLaVA layout).
+Writes `combiner_study.md` and `combiner_study.png` to `--output-dir` (default `research/results`; with `--quick`,
+`outputs/quick`).
 
     PYTHONPATH=src python research/combiner_study.py            # about 13 minutes on 2 cores
     PYTHONPATH=src python research/combiner_study.py --quick    # smoke run, seconds
@@ -51,8 +54,8 @@ from comm_vlm.training.recipes import run_recipe  # noqa: E402
 
 
 # name -> (combiner config fields, combiner learning rate as a fraction of the LLM's)
-# Every variant leaves out the image position codes (`combiner_image_positions`): this study predates them, and what
-# they change is REC (`research/combiner_rec.py`), which this stage-1 study does not train.
+# Every variant leaves out the image position codes (`combiner_image_positions`), as recorded: what they change is
+# REC (`research/combiner_rec.py`), which this stage-1 study does not train.
 EQ2 = {"combiner_input_norm": False, "combiner_latent_residual": False, "combiner_image_positions": False}
 VARIANTS: dict[str, tuple[dict, float]] = {
     "eq. 2 as printed": (EQ2, 1.0),
@@ -144,19 +147,19 @@ def write_report(results: dict, baselines: dict, steps: int, output_dir: Path) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output-dir", default="research/results")
+    parser.add_argument("--output-dir", help="default: research/results (with --quick: outputs/quick)")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--quick", action="store_true", help="tiny sizes and 3 steps (a smoke run)")
     options = parser.parse_args()
     # As recorded: LLaVA-1.5's template, the 600-step encoder warm-up, VQA on the 100 held-out scenes and the combiner
-    # on CLIP's penultimate layer (the LLaVA layout; the main job puts it on COMM's branch since stop 21).
+    # on CLIP's penultimate layer (the LLaVA layout; the demo's combiner reads COMM's branch).
     config = MainJobConfig.quick() if options.quick else MainJobConfig(warmup_steps=600, vqa_test_scenes=100)
     config = replace(
         config, system_prompt=VICUNA_SYSTEM_PROMPT, family_plans={"adaptive_combiner": {"layout": "llava"}}
     )
     steps = 3 if options.quick else options.steps
-    output_dir = Path(options.output_dir)
+    output_dir = Path(options.output_dir or ("outputs/quick" if options.quick else "research/results"))
     output_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

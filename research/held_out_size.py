@@ -1,12 +1,12 @@
-"""How much of the main job's pass/fail against its bars is the size of its held-out split (issue #7)?
+"""How much of the demo's pass/fail against its bars is the size of its held-out split?
 
-The main job (`comm_vlm.demo.main_job`: tiny COMM, Jiang et al. 2023, arXiv 2310.08825; Matryoshka-LLaVA, Cai et al. 2024,
-arXiv 2405.17430; the adaptive combiner, Piergiovanni and Angelova 2023, arXiv 2305.19924) scored every task on 100
-held-out scenes until stop 20. The attribute-VQA bar is 2x answering each question with its type's majority answer *in
-that split*; with 100 scenes "circle" answers 37-49% of the shape questions depending on the seed (the generator draws
-circles, squares and triangles 5:4:3, i.e. 41.7%), so the bar itself moves by seed, on top of the models' own sampling
-error. What this script measured (`research/results/held_out_size.md`) is why the job now scores VQA on 500 scenes
-(`MainJobConfig.vqa_test_scenes`).
+The main job (`comm_vlm.demo.main_job`: tiny COMM, Jiang et al. 2023, arXiv 2310.08825; Matryoshka-LLaVA, Cai et al.
+2024, arXiv 2405.17430; the adaptive combiner, Piergiovanni and Angelova 2023, arXiv 2305.19924) scores REC, REG,
+captions and POPE on 100 held-out scenes. The attribute-VQA bar is 2x answering each question with its type's majority
+answer *in the split scored*; on 100 scenes "circle" answers 37-49% of the shape questions depending on the seed (the
+generator draws circles, squares and triangles 5:4:3, i.e. 41.7%), so the bar itself moves by seed, on top of the
+models' own sampling error. What this script measures (`research/results/held_out_size.md`) is why the demo scores VQA
+on 500 held-out scenes (`MainJobConfig.vqa_test_scenes`).
 
 This script takes finished main-job runs (`<runs-dir>/seed<k>/results.json`, e.g. from `comm-vlm demo --seed k` or
 `research/main_job_seeds.py`), draws a larger held-out split from the same seed (`--test-scenes`), and scores every
@@ -15,8 +15,9 @@ recorded numbers, and the larger one. Scenes are drawn in sequence and kept disj
 the larger split's first 100 scenes and their questions are the job's own, except POPE's popular and adversarial
 negatives, which follow the split's own object frequencies (as POPE draws them from its dataset's). Nothing is trained.
 M3 is scored at its full scale, where the bars are read. Writes `held_out_size.md` (per model, check and seed: value,
-bar and value/bar on each split, the seeds meeting each bar, and each split's majority rates) and `held_out_size.png`
-(value/bar on the job's split against the larger one) to `--output-dir`.
+bar and value/bar on each split, the seeds meeting each bar, and each split's majority rates), `held_out_size.json`
+(the same scores) and `held_out_size.png` (value/bar on the job's split against the larger one) to `--output-dir`
+(default `research/results`; with `--quick`, the runs' folder, `outputs/quick/main_job_seeds`).
 
     PYTHONPATH=src python research/held_out_size.py --runs-dir DIR --seeds 0 1 2 3 --test-scenes 500
     PYTHONPATH=src python research/held_out_size.py --quick   # smoke run on a --quick job, under a minute
@@ -43,7 +44,7 @@ from comm_vlm.demo.main_job import MainJobConfig, prepare_training_data  # noqa:
 from comm_vlm.evaluation.runners import evaluate, evaluate_matryoshka  # noqa: E402
 
 
-# The issue's three bars and the two attribute types one by one (`main_job_seeds.CHECKS`).
+# The demo's three bars and the two attribute types one by one (`main_job_seeds.CHECKS`).
 REPORTED = CHECKS
 # Per split, the share of each attribute question type's majority answer (the bar's baseline).
 MAJORITY_TYPES = ("colour", "shape")
@@ -169,14 +170,16 @@ def plot(scores: dict[int, dict], sizes: tuple[int, int], path: Path, limit: flo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs-dir", default="outputs/main_job_seeds", help="holds seed<k>/results.json")
+    parser.add_argument(
+        "--runs-dir", help="holds seed<k>/results.json (default: outputs/main_job_seeds; --quick: outputs/quick/...)"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     parser.add_argument("--test-scenes", type=int, default=500, help="scenes of the larger held-out split")
-    parser.add_argument("--output-dir", default=None, help="default: --runs-dir")
+    parser.add_argument("--output-dir", help="default: research/results (with --quick: --runs-dir)")
     parser.add_argument("--quick", action="store_true", help="score a --quick job (run here if missing)")
     args = parser.parse_args()
-    runs_dir = Path(args.runs_dir)
-    output_dir = Path(args.output_dir or runs_dir)
+    runs_dir = Path(args.runs_dir or ("outputs/quick/main_job_seeds" if args.quick else "outputs/main_job_seeds"))
+    output_dir = Path(args.output_dir or (runs_dir if args.quick else "research/results"))
     output_dir.mkdir(parents=True, exist_ok=True)
     test_scenes = 12 if args.quick else args.test_scenes
     scores = {}

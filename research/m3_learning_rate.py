@@ -1,19 +1,21 @@
 """Matryoshka-LLaVA's fine-tuning learning rate in the main job: the full scale against the smaller ones.
 
 M3 (Cai et al. 2024, arXiv 2405.17430) fine-tunes a trained LLaVA-1.5 at the learning rate of LLaVA-1.5's own
-instruction tuning (2e-5), with the loss averaged over every scale. The main job (`comm_vlm.demo.main_job`) does the same
-with the trained tiny COMM: 200 steps at the job's learning rate (1e-3, the rate of COMM's stage 2). The issue's bars
-are read at the full scale (64 tokens), where M3 ends a little below the COMM it starts from. This script reruns the
-fine-tuning with the merges, aligners, projector and LLM at fractions of that rate (`--lr-scales`; the vision towers
-keep the stage's own 2e-5) and scores REC, POPE and attribute VQA at every scale, against the bars of
+instruction tuning (2e-5), with the loss averaged over every scale. The main job (`comm_vlm.demo.main_job`) does the
+same with the trained tiny COMM: 200 steps at the job's learning rate (1e-3, the rate of COMM's stage 2). The demo's
+bars are read at the full scale (64 tokens), where M3 ends a little below the COMM it starts from. This script reruns
+the fine-tuning with the merges, aligners, projector and LLM at fractions of that rate (`--lr-scales`; the vision
+towers keep the stage's own 2e-5) and scores REC, POPE and attribute VQA at every scale, against the bars of
 `research/main_job_seeds.py`.
 
-For each seed it reads the trained COMM of `<output-dir>/seed<k>/results.json` (so a `comm-vlm demo --seed k
---output-dir <output-dir>/seed<k>` run counts), or trains COMM alone first (`run_main_job` with `families=("comm",)`).
-Writes `m3_learning_rate.md` (per seed and rate: the full scale against the bars, and the 16-token scale) and
-`m3_learning_rate.png` (accuracy vs visual tokens per rate, mean over the seeds) to `--output-dir`.
+For each seed it reads the trained COMM of `<runs-dir>/seed<k>/results.json` (default `outputs/main_job_seeds`, so
+the runs of `research/main_job_seeds.py` or of `comm-vlm demo --seed k --output-dir <runs-dir>/seed<k>` count), or
+trains COMM alone there first (`run_main_job` with `families=("comm",)`); the fine-tuned models go to
+`<runs-dir>/m3_seed<k>`. Writes `m3_learning_rate.md` (per seed and rate: the full scale against the bars, and the
+16-token scale) and `m3_learning_rate.png` (accuracy vs visual tokens per rate, mean over the seeds) to `--output-dir`
+(default `research/results`; with `--quick`, the runs' folder, `outputs/quick/main_job_seeds`).
 
-    PYTHONPATH=src python research/m3_learning_rate.py --seeds 0 1 2 3 --lr-scales 1 0.3 --output-dir DIR
+    PYTHONPATH=src python research/m3_learning_rate.py --seeds 0 1 2 3 --lr-scales 1 0.3   # ~3 min per seed and rate
     PYTHONPATH=src python research/m3_learning_rate.py --quick   # smoke run, seconds
 """
 
@@ -44,19 +46,19 @@ from comm_vlm.training.recipes import run_recipe  # noqa: E402
 
 # The components of the `m3_finetune` stage that train at the job's learning rate (the vision towers have their own).
 COMPONENTS = ("merges", "aligners", "projector", "llm")
-# (label, bar, reader) of the checks reported: the issue's three bars, the first entries of `main_job_seeds.CHECKS`.
+# (label, bar, reader) of the checks reported: the demo's three bars, the first entries of `main_job_seeds.CHECKS`.
 REPORTED = CHECKS[:3]
 
 
-def trained_comm(config: MainJobConfig, output_dir: Path) -> tuple[str, dict]:
+def trained_comm(config: MainJobConfig, runs_dir: Path) -> tuple[str, dict]:
     """The final checkpoint directory of the seed's trained COMM and the config of the run that trained it
-    (`main_job_seeds.seed_results`: the run in `<output_dir>/seed<k>`, or COMM alone trained there if the seed has no
+    (`main_job_seeds.seed_results`: the run in `<runs_dir>/seed<k>`, or COMM alone trained there if the seed has no
     run)."""
-    results = seed_results(replace(config, families=("comm",)), output_dir)
+    results = seed_results(replace(config, families=("comm",)), runs_dir)
     if "comm" not in results["models"]:
-        path = output_dir / f"seed{config.seed}" / "results.json"
+        path = runs_dir / f"seed{config.seed}" / "results.json"
         raise ValueError(
-            f"{path} has no trained COMM (models: {sorted(results['models'])}): point --output-dir at runs that "
+            f"{path} has no trained COMM (models: {sorted(results['models'])}): point --runs-dir at runs that "
             "trained COMM, or at a folder without this seed, where COMM is trained first."
         )
     return results["models"]["comm"]["final_dir"], results["config"]
@@ -133,20 +135,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--lr-scales", type=float, nargs="+", default=[1.0, 0.3])
-    parser.add_argument("--output-dir", default="outputs/m3_learning_rate")
+    parser.add_argument(
+        "--runs-dir", help="the seeds' runs, <dir>/seed<k> (default: outputs/main_job_seeds; --quick: outputs/quick)"
+    )
+    parser.add_argument("--output-dir", help="where the table and plot go (default: research/results; --quick: runs)")
     parser.add_argument("--quick", action="store_true", help="CI-sized configs (numbers not meaningful)")
     args = parser.parse_args()
-    output_dir = Path(args.output_dir)
+    runs_dir = Path(args.runs_dir or ("outputs/quick/main_job_seeds" if args.quick else "outputs/main_job_seeds"))
+    output_dir = Path(args.output_dir or (runs_dir if args.quick else "research/results"))
+    output_dir.mkdir(parents=True, exist_ok=True)
     results: dict[int, dict[float, dict]] = {}
     for seed in args.seeds:
         config = replace(MainJobConfig.quick() if args.quick else MainJobConfig(), seed=seed)
-        source, run = trained_comm(config, output_dir)
+        source, run = trained_comm(config, runs_dir)
         # Scored on the held-out rows of the run M3 starts from.
         config = replace(config, vqa_test_scenes=vqa_test_scenes(run))
-        splits, data_paths = prepare_training_data(config, output_dir / f"m3_seed{seed}")
+        splits, data_paths = prepare_training_data(config, runs_dir / f"m3_seed{seed}")
         results[seed] = {
             rate: finetune(
-                config, source, rate, output_dir / f"m3_seed{seed}" / f"lr{rate:g}", data_paths, splits["test"]
+                config, source, rate, runs_dir / f"m3_seed{seed}" / f"lr{rate:g}", data_paths, splits["test"]
             )
             for rate in args.lr_scales
         }

@@ -14,11 +14,16 @@ script measures each part on the x1 coordinate's tenths digit (the first informa
    on one-object scenes (reading only) and once on the main job's 1-4-object scenes (reading and binding): x1-tenths
    accuracy of the next-token prediction on held-out 1-4-object REC rows during training.
 
-Writes `rec_binding.md` (tables) and `rec_binding.png` (accuracy vs steps, probes as lines) to `--output-dir`.
+It keeps the settings `research/results/rec_binding.md` was recorded with: LLaVA-1.5's system prompt and the 600-step
+encoder warm-up. Writes `<name>.md` (tables) and `<name>.png` (accuracy vs steps, probes as lines; `--name`, default
+`rec_binding`) to `--output-dir` (default `research/results`; with `--quick`, `outputs/quick`).
 
     PYTHONPATH=src python research/rec_binding.py                 # about 11 minutes on 2 cores
     PYTHONPATH=src python research/rec_binding.py --quick         # smoke run, seconds
-    PYTHONPATH=src python research/rec_binding.py --llm-only --question-first --output-dir /tmp/qf  # a variant
+    # the LLM alone for 3000 steps, question first and image first:
+    PYTHONPATH=src python research/rec_binding.py --llm-only --steps 3000 --question-first \
+        --name rec_binding_question_first
+    PYTHONPATH=src python research/rec_binding.py --llm-only --steps 3000 --name rec_binding_image_first
 """
 
 from __future__ import annotations
@@ -224,7 +229,8 @@ def row(label: str, right: torch.Tensor, counts: torch.Tensor) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output-dir", default="benchmarks")
+    parser.add_argument("--output-dir", help="default: research/results (with --quick: outputs/quick)")
+    parser.add_argument("--name", default="rec_binding", help="stem of the .md and .png written")
     parser.add_argument("--steps", type=int, default=1500, help="REC-only training steps per LLM run")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny data, a few steps")
     variants = parser.add_argument_group("LLM variants (with --llm-only: no probes, only the 1-4-object LLM run)")
@@ -249,7 +255,7 @@ def main() -> None:
         heads = {"num_attention_heads": args.llm_heads, "num_key_value_heads": args.llm_heads}
         text = tiny_text_config(config.vocab_size, config.llm_width, config.llm_layers, initializer_range=std, **heads)
         overrides["text_config"] = text
-    out = Path(args.output_dir)
+    out = Path(args.output_dir or ("outputs/quick" if args.quick else "research/results"))
     out.mkdir(parents=True, exist_ok=True)
     lines = [
         "| x1 tenths accuracy on held-out objects, by objects in the scene | 1 | 2 | 3 | 4 | all |",
@@ -285,7 +291,7 @@ def main() -> None:
     for label, curve in curves.items():
         lines.append(f"| {label} | " + " | ".join(f"{100 * a:.1f}" for _, a in curve) + " |")
     table = "\n".join(lines)
-    (out / "rec_binding.md").write_text(table + "\n")
+    (out / f"{args.name}.md").write_text(table + "\n")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, curve in curves.items():
@@ -297,7 +303,7 @@ def main() -> None:
     ax.set_title("Tiny COMM: reading a box vs binding a phrase to an object")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "rec_binding.png", dpi=120)
+    fig.savefig(out / f"{args.name}.png", dpi=120)
     print(table)
 
 

@@ -4,8 +4,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from comm_vlm.testing import build_tiny_tokenizer
+from comm_vlm.testing import build_tiny_tokenizer, register_tiny_model_source
 from comm_vlm.training import build_dataset, make_tiny_dataset
+
+
+register_tiny_model_source()  # the test recipes (tests/recipes/) build random tiny checkpoints
 
 
 @pytest.fixture(scope="session")
@@ -39,7 +42,7 @@ def _one_thread():
 
 @pytest.fixture(scope="session")
 def load_benchmark():
-    """Imports `benchmarks/<name>.py` (not a package) as a module: `load_benchmark("rec_binding")`."""
+    """Imports `benchmarks/<name>.py` (not a package) as a module: `load_benchmark("bench_train_step")`."""
 
     def load(name: str):
         path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"

@@ -8,7 +8,11 @@ import torch
 from accelerate import PartialState
 from transformers import TrainerCallback
 
+from comm_vlm.testing import register_tiny_model_source
 from comm_vlm.training import load_recipe, parse_overrides, run_recipe
+
+
+register_tiny_model_source()
 
 
 class ChecksumAtEnd(TrainerCallback):
@@ -27,7 +31,7 @@ class ChecksumAtEnd(TrainerCallback):
 
 
 def main(output_dir: str, *overrides: str) -> None:
-    recipe = load_recipe("tiny_comm", parse_overrides(list(overrides)))
+    recipe = load_recipe(str(Path(__file__).parent / "recipes" / "tiny_comm.yaml"), parse_overrides(list(overrides)))
     recipe["stages"] = recipe["stages"][:1]
     run_recipe(recipe, output_dir, callbacks=[ChecksumAtEnd(output_dir)])
 

@@ -1,15 +1,16 @@
 """`CommSFTTrainer.answer_token_loss` (the CPU loss path) against TRL's own `SFTTrainer.compute_loss` (its fused LM
-head): same loss, same gradients, same logged metrics, for every family, with and without LoRA."""
+head): same loss, same gradients, same logged metrics, for every family, with and without LoRA, on the batches the
+family's `TrainingBatchCollator` prepares."""
 
 import pytest
 import torch
 from trl import SFTTrainer
 
 from comm_vlm.testing import build_tiny_checkpoint
-from comm_vlm.training import CommSFTTrainer, build_trainer, default_sft_config
+from comm_vlm.training import CommSFTTrainer, TrainingBatchCollator, build_trainer, default_sft_config
 
 
-# (family, layout, stage, LoRA): every family's own batch preparation (M3 re-lays the batch for all its scales, the
+# (family, layout, stage, LoRA): every family's batch preparation (M3 re-lays the batch for all its scales, the
 # combiner needs the labels to keep answers out of its fused tokens) and a PEFT-wrapped LLM.
 CASES = [
     ("comm", "comm", "comm_instruct", False),
@@ -114,13 +115,14 @@ def test_a_batch_without_answer_tokens_gives_a_zero_loss_that_backpropagates(tin
     [("matryoshka_llava", "comm", "m3_finetune"), ("adaptive_combiner", "comm", "comm_instruct")],
 )
 def test_under_ddp_the_family_still_prepares_its_batch(family, layout, stage, tiny_data, tmp_path):
-    """DDP hands `compute_loss` the wrapper: M3's re-lay and the combiner's labels must still apply (one gloo rank)."""
+    """DDP hands `compute_loss` the wrapper; the collator prepared the batch before it (one gloo rank)."""
     import socket
 
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
     trainer = make_trainer(family, layout, stage, False, tiny_data, tmp_path)
+    assert isinstance(trainer.data_collator, TrainingBatchCollator)  # installed by build_trainer
     batch = next(iter(trainer.get_train_dataloader()))
     expected = SFTTrainer.compute_loss(trainer, trainer.model, dict(batch))
     with socket.socket() as s:
@@ -136,17 +138,23 @@ def test_under_ddp_the_family_still_prepares_its_batch(family, layout, stage, ti
 
 
 def test_m3_loss_under_the_trainer_is_the_mean_over_scales(tiny_data, tmp_path):
-    """M3 takes no loss kwargs, so the `Trainer` passes no `num_items_in_batch` and the loss it optimises is the
-    paper's: the mean over the scales of each scale's token-mean loss, on either loss path."""
+    """M3 takes no loss kwargs, so the `Trainer` passes no `num_items_in_batch` and the loss it optimises on the
+    collator's re-laid batch is the paper's: the mean over the scales of each scale's token-mean loss, on either loss
+    path, and the model's own loss on the collated batch."""
     trainer = make_trainer("matryoshka_llava", "comm", "m3_finetune", False, tiny_data, tmp_path)
-    batch = next(iter(trainer.get_train_dataloader()))
+    examples = [trainer.train_dataset[i] for i in range(4)]
+    collated = trainer.data_collator.collator(examples)  # TRL's collation: one row per sample, full grids
+    batch = trainer.data_collator(examples)  # the same, re-laid for every scale
+    assert batch["labels"].shape[0] > collated["labels"].shape[0]
     _, num_items_in_batch = trainer.get_batch_samples(iter([batch]), 1, "cpu")
     assert trainer.model_accepts_loss_kwargs is False and num_items_in_batch is None
     model = trainer.model
     with torch.no_grad():
-        per_scale = [model(**batch, matryoshka_scale=s).loss for s in model.config.matryoshka_scales]
+        per_scale = [model(**collated, matryoshka_scale=s).loss for s in model.config.matryoshka_scales]
         paper = torch.stack(per_scale).mean()
         assert len(per_scale) > 1 and not torch.allclose(per_scale[0], per_scale[-1])
+        torch.testing.assert_close(model(**collated).loss, paper, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(model(**batch).loss, paper, rtol=1e-5, atol=1e-6)
         for compute_loss in (CommSFTTrainer.compute_loss, SFTTrainer.compute_loss):
             loss = compute_loss(trainer, model, dict(batch), num_items_in_batch=num_items_in_batch)
             torch.testing.assert_close(loss, paper, rtol=1e-5, atol=1e-6)

@@ -22,7 +22,7 @@ from comm_vlm import (
     AdaptiveCombinerModel,
     CommProcessor,
 )
-from comm_vlm.models.modeling_combiner import image_runs, prompt_text_mask
+from comm_vlm.models.modeling_combiner import image_rows_and_starts, prompt_text_mask
 from comm_vlm.testing import (
     CHAT_TEMPLATE,
     IMAGE_TOKEN_ID,
@@ -111,7 +111,7 @@ def test_prompt_text_mask_multi_turn():
     """[sys, IMG, q1, a1*, q2, IMG, q3, a2*] (* supervised): image 1 sees sys+q1, image 2 sees sys+q1+q2+q3."""
     image = torch.tensor([[0, 1, 0, 0, 0, 1, 0, 0]]).bool()
     labels = torch.tensor([[-100, -100, -100, 5, -100, -100, -100, 6]])
-    rows, starts = image_runs(image, num_images=2, tokens_per_image=1)
+    rows, starts = image_rows_and_starts(image, num_images=2, tokens_per_image=1)
     assert rows.tolist() == [0, 0] and starts.tolist() == [1, 5]
     mask = prompt_text_mask(image, rows, starts, labels=labels)
     assert mask.int().tolist() == [[1, 0, 1, 0, 0, 0, 0, 0], [1, 0, 1, 0, 1, 0, 1, 0]]
@@ -306,10 +306,12 @@ def sft_model():
 
 @pytest.mark.parametrize("trainer_kind", ["trl", "comm_vlm"])
 def test_three_step_sft_trains_the_combiner_without_leakage_and_reloads(trainer_kind, processor, tmp_path):
-    """Plain TRL `SFTTrainer` (its fused LM head calls the backbone without `labels`) and our stage trainer."""
+    """Plain TRL `SFTTrainer` (its fused LM head calls the backbone without `labels`; the training collator adds
+    `combiner_labels`) and our stage trainer (which installs that collator)."""
     from trl import SFTTrainer
+    from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
-    from comm_vlm.training import build_trainer, default_sft_config
+    from comm_vlm.training import TrainingBatchCollator, build_trainer, default_sft_config
 
     model = sft_model()
     before = {k: v.clone() for k, v in model.model.combiner.state_dict().items()}
@@ -323,7 +325,9 @@ def test_three_step_sft_trains_the_combiner_without_leakage_and_reloads(trainer_
         dataloader_num_workers=0,
     )
     if trainer_kind == "trl":
-        trainer = SFTTrainer(model=model, args=args, train_dataset=sft_rows(), processing_class=processor)
+        collator = DataCollatorForVisionLanguageModeling(processor, assistant_only_loss=True)
+        collator = TrainingBatchCollator(collator, model.config)
+        trainer = SFTTrainer(model, args, data_collator=collator, train_dataset=sft_rows(), processing_class=processor)
     else:
         trainer = build_trainer(model, processor, sft_rows(), "combiner", args)
     # Record every training batch's labels and the text mask the combiner received for it.
@@ -353,6 +357,17 @@ def test_three_step_sft_trains_the_combiner_without_leakage_and_reloads(trainer_
     reloaded = AdaptiveCombinerForConditionalGeneration.from_pretrained(tmp_path / "final")
     for key, value in reloaded.model.combiner.state_dict().items():
         assert torch.equal(value, after[key]), key
+
+
+def test_sft_trainer_without_the_collator_is_a_clear_error(processor, tmp_path):
+    from trl import SFTTrainer
+
+    from comm_vlm.training import default_sft_config
+
+    args = default_sft_config(tmp_path / "run", max_steps=1, per_device_train_batch_size=2, save_strategy="no")
+    trainer = SFTTrainer(model=sft_model(), args=args, train_dataset=sft_rows(), processing_class=processor)
+    with pytest.raises(ValueError, match=r"label leakage.*TrainingBatchCollator"):
+        trainer.train()
 
 
 # --- FLOPs accounting of the benchmark ---------------------------------------------------------------------------

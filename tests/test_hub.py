@@ -6,6 +6,7 @@
 import functools
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,11 +21,11 @@ from comm_vlm.hub import (
     ModelCardInfo,
     add_to_hub_cache,
     check_remote_code,
-    parse_pipeline_boxes,
     push_to_hub,
     render_model_card,
     save_for_hub,
 )
+from comm_vlm.serving import parse_pipeline_boxes
 from comm_vlm.testing import (
     CHAT_TEMPLATE,
     IMAGE_TOKEN_ID,
@@ -56,6 +57,9 @@ FAMILIES = {
 }
 PROMPTS = ["USER: <image>\nWhat is this? ASSISTANT:", "USER: <image>\nWhere is the cat in the picture? ASSISTANT:"]
 GREEDY = {"do_sample": False}
+
+
+TINY_COMM = str(Path(__file__).parent / "recipes" / "tiny_comm.yaml")  # a random tiny COMM, both stages
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -387,7 +391,13 @@ def test_card_errors_name_the_problem():
 # --- save_for_hub / push_to_hub ---------------------------------------------------------------------------------
 
 REMOTE_CODE = {
-    "comm": {"configuration_comm.py", "feature_merging.py", "modeling_comm.py", "processing_comm.py"},
+    "comm": {
+        "configuration_comm.py",
+        "feature_merging.py",
+        "image_utils.py",
+        "modeling_comm.py",
+        "processing_comm.py",
+    },
     "matryoshka_llava": {"configuration_matryoshka.py", "modeling_matryoshka.py", "processing_matryoshka.py"},
     "adaptive_combiner": {"configuration_combiner.py", "modeling_combiner.py", "combiner.py"},
 }
@@ -495,7 +505,18 @@ def test_cli_push_to_a_local_directory_with_card_and_recipe(tmp_path, capsys):
     build_tiny_checkpoint(tmp_path / "ckpt", layout="llava")
     (tmp_path / "card.json").write_text(json.dumps({"base_model": ["llava-hf/llava-1.5-7b-hf"], "tags": ["tiny"]}))
     argv = ["push", str(tmp_path / "ckpt"), "me/tiny", "--local-dir", str(tmp_path / "out")]
-    assert main([*argv, "--card", str(tmp_path / "card.json"), "--recipe", "tiny_comm"]) == 0
+    assert (
+        main(
+            [
+                *argv,
+                "--card",
+                str(tmp_path / "card.json"),
+                "--recipe",
+                TINY_COMM,
+            ]
+        )
+        == 0
+    )
     assert "README.md" in capsys.readouterr().out
     card = ModelCard.load(tmp_path / "out" / "README.md")
     assert card.data.base_model == ["llava-hf/llava-1.5-7b-hf"] and "tiny" in card.data.tags

@@ -23,7 +23,7 @@ from comm_vlm import (
     valid_matryoshka_scales,
 )
 from comm_vlm.models.configuration_matryoshka import default_matryoshka_scales
-from comm_vlm.models.packing_matryoshka import build_layout
+from comm_vlm.models.packing_matryoshka import build_scale_batch, relay_training_inputs
 from comm_vlm.testing import (
     CHAT_TEMPLATE,
     IMAGE_TOKEN_ID,
@@ -220,19 +220,19 @@ def test_eager_attention_and_padded_fallback_give_the_same_loss(model, processor
         eager.load_state_dict(model.state_dict())
         eager.eval().set_attn_implementation("eager")
         variants = [[[s] * n for s in (1, 4, 16)] for n in (1, 2)]  # per sample, per scale, per image
-        layout = build_layout(
-            batch["input_ids"], batch["attention_mask"], batch["labels"], IMAGE_TOKEN_ID, variants, layout="padded"
+        rows = build_scale_batch(
+            batch["input_ids"], batch["attention_mask"], batch["labels"], IMAGE_TOKEN_ID, variants, row_format="padded"
         )
         padded = model(
-            input_ids=layout.input_ids,
-            attention_mask=layout.attention_mask,
-            labels=layout.labels,
+            input_ids=rows.input_ids,
+            attention_mask=rows.attention_mask,
+            labels=rows.labels,
             pixel_values=batch["pixel_values"],
-            matryoshka_image_scales=layout.image_scales,
-            matryoshka_image_index=layout.image_index,
+            matryoshka_image_scales=rows.image_scales,
+            matryoshka_image_index=rows.image_index,
         )
         assert abs(eager(**batch).loss.item() - expected.item()) <= 1e-5
-    assert layout.input_ids.shape[0] == 6 and abs(padded.loss.item() - expected.item()) <= 1e-5
+    assert rows.input_ids.shape[0] == 6 and abs(padded.loss.item() - expected.item()) <= 1e-5
 
 
 def test_random_scale_mode_trains_one_scale_per_sample(processor):
@@ -259,6 +259,27 @@ def test_random_scale_mode_trains_one_scale_per_sample(processor):
         eval_loss = model(**batch).loss
     singles = [manual_loss(model, batch_at(processor, s)) for s in model.config.matryoshka_scales]
     assert abs(eval_loss.item() - torch.stack(singles).mean().item()) <= 1e-5
+
+
+def test_a_training_forward_without_the_objective_is_a_clear_error(model, processor):
+    """Training on images that were neither re-laid for the scales nor given labels (a loss computed outside the
+    model) would train only the scale the placeholders hold: it raises, unless one scale is asked for explicitly."""
+    batch = batch_at(processor)
+    relaid, _ = relay_training_inputs(model.config, dict(batch), weighted=False)
+    no_labels = {k: v for k, v in batch.items() if k != "labels"}
+    model.train()
+    try:
+        for forward in (model, model.model):
+            with pytest.raises(ValueError, match=r"not re-laid.*TrainingBatchCollator.*build_trainer"):
+                forward(**no_labels)
+        model.model(**{k: v for k, v in relaid.items() if k != "labels"})  # re-laid by the training collator
+        model(**batch)  # labels: the model re-lays the batch itself
+        single = {k: v for k, v in batch_at(processor, 4).items() if k != "labels"}
+        model.model(**single, matryoshka_scale=4)  # single-scale training
+        with torch.no_grad():
+            model(**no_labels)  # no gradients: inference in training mode
+    finally:
+        model.eval()
 
 
 def test_full_scale_equals_the_foundations_llava_layout(model):

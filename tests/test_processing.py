@@ -553,3 +553,33 @@ def test_assistant_masks_equal_transformers_and_cover_only_answers(tokenizer, mo
     third = tokenizer.decode(ours["input_ids"][2][ours["assistant_masks"][2].bool()])
     assert third.count(tokenizer.eos_token) == 3 and "And 1?" not in third
     assert not ours["assistant_masks"][ours["input_ids"] == processor.image_token_id].any()
+
+
+# --- the Vicuna-v1 chat template on the tiny tokenizer ---------------------------------------------------------
+
+
+def test_tiny_tokenizer_splits_every_digit():
+    tokenizer = build_tiny_tokenizer(512)
+    box = "[0.123,0.456,0.789,0.912]"
+    tokens = tokenizer.convert_ids_to_tokens(tokenizer(box, add_special_tokens=False).input_ids)
+    assert tokens == list(box)  # each digit, dot, comma and bracket is its own token
+    assert tokenizer.decode(tokenizer(box, add_special_tokens=False).input_ids) == box
+    assert len(tokenizer(" 2024 circles", add_special_tokens=False).input_ids) >= 4
+
+
+@pytest.mark.parametrize("answer", ["2", "purple", "yes", "[0.123,0.456,0.5,0.75]", "Two circles."])
+def test_assistant_mask_covers_everything_the_model_generates(answer):
+    """Prompt (with the generation prompt) + assistant-masked tokens = the whole conversation: every token generated
+    after "ASSISTANT:" is supervised, including the bare " " that a digit answer starts with (" 2" -> " ", "2")."""
+    tokenizer = build_tiny_tokenizer(512)
+    user = {"role": "user", "content": [{"type": "text", "text": "How many circles are there?"}]}
+    full = tokenizer.apply_chat_template(
+        [user, {"role": "assistant", "content": [{"type": "text", "text": answer}]}],
+        tokenize=True,
+        return_dict=True,
+        return_assistant_tokens_mask=True,
+    )
+    prompt = tokenizer.apply_chat_template([user], add_generation_prompt=True, tokenize=True, return_dict=True)
+    supervised = [i for i, keep in zip(full["input_ids"], full["assistant_masks"]) if keep]
+    assert prompt["input_ids"] + supervised == full["input_ids"]
+    assert tokenizer.decode(supervised) == f" {answer}{tokenizer.eos_token}"

@@ -31,6 +31,9 @@ from comm_vlm.training.data import load_source, sample_problem
 from comm_vlm.training.recipes import stage_with_learning_rates
 
 
+TINY_COMM = str(Path(__file__).parent / "recipes" / "tiny_comm.yaml")  # a random tiny COMM, both stages
+
+
 def tiny_model(tmp_path, layout):
     model, processor = build_tiny_checkpoint(tmp_path / f"init-{layout}", layout=layout)
     return model, processor
@@ -144,7 +147,7 @@ def test_activation_checkpointing_with_frozen_encoders(tiny_data, tmp_path):
 
 
 def test_recipe_loss_decreases_and_output_generates(tmp_path):
-    recipe = load_recipe("tiny_comm", {"max_steps": 6, "learning_rate": 2e-3})
+    recipe = load_recipe(TINY_COMM, {"max_steps": 6, "learning_rate": 2e-3})
     results = run_recipe(recipe, tmp_path)
     assert [r.stage for r in results] == ["comm_pretrain", "comm_instruct"]
     losses = [h["loss"] for h in results[0].log_history if "loss" in h]
@@ -335,14 +338,17 @@ def test_save_atomically_keeps_old_checkpoint_on_failure(tmp_path):
 KILL_SCRIPT = """
 import os, sys
 from transformers import TrainerCallback
+from comm_vlm.testing import register_tiny_model_source
 from comm_vlm.training import load_recipe, run_recipe
+
+register_tiny_model_source()
 
 class Kill(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == int(sys.argv[2]):
             os._exit(17)  # a hard kill: no cleanup, no final save
 
-recipe = load_recipe("tiny_comm", {"max_steps": 6, "save_steps": 2, "resume": True, "logging_steps": 1})
+recipe = load_recipe(sys.argv[3], {"max_steps": 6, "save_steps": 2, "resume": True, "logging_steps": 1})
 recipe["stages"] = recipe["stages"][:1]
 run_recipe(recipe, sys.argv[1], callbacks=[Kill()] if int(sys.argv[2]) else None)
 """
@@ -355,7 +361,11 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
 
     def run(out, kill_at):
         return subprocess.run(
-            [sys.executable, str(script), str(out), str(kill_at)], env=env, capture_output=True, text=True, timeout=600
+            [sys.executable, str(script), str(out), str(kill_at), TINY_COMM],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
         )
 
     killed = run(tmp_path / "a", 3)

@@ -54,7 +54,7 @@ def test_saved_models_are_scored_on_the_jobs_split_and_a_larger_one(bench, tmp_p
     build_family_model("comm", config, comm_dir)
     derive_family_model("matryoshka_llava", config, comm_dir, tmp_path / "runs" / "seed0" / "m3")
     models = {"comm": {"final_dir": str(comm_dir)}, "matryoshka_llava": {"final_dir": str(tmp_path / "runs/seed0/m3")}}
-    # A run from before `vqa_test_scenes` (stop 18's runs): every task, VQA included, on `test_scenes` scenes.
+    # A results.json without `vqa_test_scenes`: every task, VQA included, scored on `test_scenes` scenes.
     results = {"config": {k: v for k, v in asdict(config).items() if k != "vqa_test_scenes"}, "models": models}
     (tmp_path / "runs" / "seed0" / "results.json").write_text(json.dumps(results))
     argv = ["held_out_size.py", "--runs-dir", str(tmp_path / "runs"), "--seeds", "0", "--test-scenes", "12"]

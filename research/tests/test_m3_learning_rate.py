@@ -30,7 +30,7 @@ def test_table_reads_the_full_scale_against_the_bars_and_counts_the_seeds(bench)
 
 
 def test_quick_run_trains_comm_once_then_m3_at_each_rate(bench, tmp_path, monkeypatch):
-    argv = ["m3_learning_rate.py", "--quick", "--lr-scales", "1", "0.1", "--output-dir", str(tmp_path)]
+    argv = ["m3_learning_rate.py", "--quick", "--lr-scales", "1", "0.1", "--runs-dir", str(tmp_path)]
     monkeypatch.setattr(sys, "argv", argv)
     bench.main()
     comm = json.loads((tmp_path / "seed0" / "results.json").read_text())

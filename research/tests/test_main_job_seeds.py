@@ -48,8 +48,8 @@ def test_a_results_file_without_the_attribute_score_is_refused_with_what_to_do(b
 def test_quick_run_reuses_finished_seeds_and_writes_the_table_and_plot(bench, tmp_path, monkeypatch):
     (tmp_path / "seed5").mkdir()
     (tmp_path / "seed5" / "results.json").write_text(json.dumps(fake_results(0.2, 0.9, 0.6, 0.9, 0.7)))
-    argv = ["main_job_seeds.py", "--quick", "--families", "comm", "--seeds", "5", "1", "--output-dir", str(tmp_path)]
-    monkeypatch.setattr(sys, "argv", argv)
+    argv = ["main_job_seeds.py", "--quick", "--families", "comm", "--seeds", "5", "1", "--runs-dir", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", argv)  # --quick: the table and plot go beside the runs
     bench.main()
     assert json.loads((tmp_path / "seed1" / "results.json").read_text())["config"]["seed"] == 1
     table = (tmp_path / "main_job_seeds.md").read_text()

@@ -1,181 +1,167 @@
-"""`comm-vlm` command line.
+"""The `comm-vlm` command line.
 
-    comm-vlm demo [--output-dir DIR] [--quick | --long] [--families NAME ...]
+    comm-vlm demo [--output-dir DIR] [--quick | --long] [--families NAME ...] [--seed N]
     comm-vlm layer-study [--output-dir DIR] [--quick] [--variants NAME ...] [--encoder-layers L] [--stage-steps N N]
-    comm-vlm plumbing [--output-dir DIR] [--layout comm|llava]
+    comm-vlm plumbing [--output-dir DIR] [--layout comm|llava] [--seed N]
     comm-vlm train --recipe NAME_OR_YAML [--output-dir DIR] [key=value ...]
-    comm-vlm convert --from {llava-hf,llava-original} SRC DST [--to comm|matryoshka_llava] [--vision-tower P]
-    comm-vlm push SRC REPO_ID [--card CARD.json] [--recipe NAME] [--max-shard-size 5GB] [--local-dir DIR]
+    comm-vlm convert --from {llava-hf,llava-original} SRC DST [--to comm|matryoshka_llava] [--vision-tower P] ...
+    comm-vlm push SRC REPO_ID [--card CARD.json] [--recipe NAME] [--max-shard-size 5GB] [--local-dir DIR] ...
 
-`demo` is the main job (`comm_vlm.demo.main_job`): tiny COMM, Matryoshka-LLaVA and adaptive-combiner models trained through
-both stages on synthetic scenes, evaluated on the papers' metrics against chance/majority baselines, saved, reloaded
-and served; `--quick` is the CI-sized run, `--long` the run where the combiner also trains on REC (about 6 minutes
-more, 8-11 on slower CPUs), `--families` a subset (in order; M3 needs COMM before it). `layer-study` is COMM's layer
-study (`comm_vlm.demo.layer_study`): one frozen tiny CLIP read at each single layer or merged over all layers (MFM), each
-variant trained with the main job's COMM recipe and scored on REC and POPE (table, JSON and plot). `plumbing` builds a
-tiny random COMM and its processor, saves them with `save_pretrained` (safetensors), reloads with the Auto classes,
-checks the reload is exact, and answers a chat prompt about a generated image through `pipeline("image-text-to-text")`
-(random weights: the answer is noise).
+`demo` runs the main job (`comm_vlm.demo.main_job`): tiny COMM, Matryoshka-LLaVA and adaptive-combiner models trained
+through both stages on synthetic scenes, evaluated against chance/majority baselines, saved, reloaded and served.
+`layer-study` is COMM's layer study (`comm_vlm.demo.layer_study`): single CLIP layers vs multi-level merging, scored on
+REC and POPE. `plumbing` saves, reloads and serves a random tiny COMM in seconds (`comm_vlm.demo.plumbing`).
 
-`train` runs a YAML recipe's stages in order on TRL's SFTTrainer (see `comm_vlm.training.recipes`); `key=value`
-overrides apply to every stage's SFTConfig (e.g. `max_steps=3 resume=true`). Under `accelerate launch` it runs on
-every process (DDP, FSDP, DeepSpeed: `comm_vlm/accelerate_configs/`).
+`train` runs a YAML recipe's stages on TRL's SFTTrainer (`comm_vlm.training.recipes`); `key=value` overrides apply to
+every stage's SFTConfig (e.g. `max_steps=3 resume=true`). Under `accelerate launch -m comm_vlm.cli train ...` it runs
+on every process (configs in `comm_vlm/accelerate_configs/`). `convert` turns a LLaVA-1.5 checkpoint into a `comm` or
+`matryoshka_llava` one (`comm_vlm.convert`); `push` uploads a saved checkpoint with remote code and a model card, or
+writes that repo to `--local-dir` (`comm_vlm.hub`).
 
-`convert` turns a LLaVA-1.5 checkpoint (llava-hf or LLaVA / M3 training-code layout) into a `comm` or
-`matryoshka_llava` one with processor, remote code and model card (`comm_vlm.convert`). `push` uploads a saved
-checkpoint with remote code and a rendered model card in one commit, or writes that repo to `--local-dir` only
-(`comm_vlm.hub`).
+Bad input (a `ValueError` or `OSError`, e.g. a missing directory or an unknown recipe) prints one line,
+`comm-vlm COMMAND: error: ...`, and exits with status 2. Everything heavy is imported inside the commands, so `--help`
+answers at once.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
-
-import numpy as np
-import torch
-from PIL import Image, ImageDraw
+from typing import Any
 
 
-def _demo_image(size: tuple[int, int] = (96, 72)) -> Image.Image:
-    """A synthetic scene: a red box on a blue background (so no image is downloaded)."""
-    image = Image.new("RGB", size, (30, 60, 200))
-    ImageDraw.Draw(image).rectangle([12, 10, 52, 50], fill=(220, 30, 30))
-    return image
+USER_ERRORS = (ValueError, OSError)
 
 
-def run_demo(output_dir: str | Path, layout: str = "comm", seed: int = 0) -> dict:
-    """Runs the demo and returns what it measured (also printed by the CLI)."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends each option's default, except `None`, whose meaning the option's help text gives in words."""
 
-    from .models.image_utils import format_box, normalize_box, parse_boxes
-    from .testing import build_tiny_checkpoint
-
-    output_dir = Path(output_dir)
-    model, _ = build_tiny_checkpoint(output_dir, layout=layout, seed=seed)
-    reloaded = AutoModelForImageTextToText.from_pretrained(output_dir).eval()
-    processor = AutoProcessor.from_pretrained(output_dir)
-
-    image = _demo_image()
-    box_text = format_box(normalize_box((12, 10, 52, 50), image.size))
-    messages = [
-        {
-            "role": "user",
-            "content": [
-                {"type": "image", "image": image},
-                {"type": "text", "text": f"What is the object at {box_text}?"},
-            ],
-        }
-    ]
-    inputs = processor.apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
-    )
-    with torch.no_grad():
-        max_diff = (model(**inputs).logits - reloaded(**inputs).logits).abs().max().item()
-
-    pipe = pipeline("image-text-to-text", model=reloaded, processor=processor)
-    answer = pipe(text=messages, max_new_tokens=12, generate_kwargs={"do_sample": False})[0]["generated_text"][-1]
-    config = reloaded.config
-    return {
-        "output_dir": str(output_dir),
-        "files": sorted(p.name for p in output_dir.iterdir()),
-        "encoders": [
-            f"{getattr(config, f'{p}_config').model_type}: layers {config.branch(p)['layers']}, "
-            f"{config.branch(p)['merge']} -> {config.branch(p)['aligner']}"
-            for p in config.encoder_prefixes
-        ],
-        "parameters": sum(p.numel() for p in reloaded.parameters()),
-        "visual_tokens_per_image": config.image_seq_length,
-        "prompt_tokens": int(inputs["input_ids"].shape[1]),
-        "reload_max_abs_logit_diff": max_diff,
-        "prompt_box": box_text,
-        "boxes_in_answer": parse_boxes(answer["content"]).boxes,
-        "answer": answer["content"],
-    }
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The `comm-vlm` argument parser (every subcommand)."""
-    parser = argparse.ArgumentParser(prog="comm-vlm", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="the main job: train, evaluate, save and serve tiny models of each family")
-    demo.add_argument("--output-dir", default="outputs/demo")
+    parser = argparse.ArgumentParser(
+        prog="comm-vlm",
+        description="COMM, Matryoshka-LLaVA and adaptive-combiner models: demos, training, conversion, Hub upload.",
+        epilog="Run `comm-vlm COMMAND --help` for a command's options.",
+        formatter_class=_HelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add_command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, formatter_class=_HelpFormatter)
+
+    demo = add_command("demo", "the main job: train, evaluate, save and serve tiny models of each family")
+    demo.add_argument("--output-dir", default="outputs/demo", help="where the models, data and results are written")
     size = demo.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="CI-sized run (seconds; numbers are not meaningful)")
-    size.add_argument(
-        "--long",
-        action="store_true",
-        help="the combiner also trains on REC: 32 latents, 2400 REC-weighted stage-2 steps (~6-11 minutes more)",
+    size.add_argument("--quick", action="store_true", help="CI-sized run: seconds, and the numbers are not meaningful")
+    size.add_argument("--long", action="store_true", help="the longer schedule (`MainJobConfig.long()`)")
+    demo.add_argument(
+        "--families",
+        nargs="+",
+        metavar="FAMILY",
+        help="families to train, in order; Matryoshka-LLaVA needs COMM before it "
+        "(default: comm matryoshka_llava adaptive_combiner)",
     )
     demo.add_argument(
-        "--families", nargs="+", help="families to train, in order (default: comm matryoshka_llava adaptive_combiner)"
+        "--seed", type=int, default=0, help="seed of the synthetic splits, the encoder warm-up, every init and run"
     )
-    demo.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        help="seed of the synthetic splits, the encoder warm-up, every init and training run (default 0, recorded)",
+
+    study = add_command("layer-study", "COMM's layer study: single CLIP layers vs multi-level merging")
+    study.add_argument("--output-dir", default="outputs/layer_study", help="where the table, JSON and plot go")
+    study.add_argument(
+        "--quick", action="store_true", help="CI-sized run of 2 variants: the numbers are not meaningful"
     )
-    study = sub.add_parser("layer-study", help="COMM's layer study: single CLIP layers vs multi-level merging")
-    study.add_argument("--output-dir", default="outputs/layer_study")
-    study.add_argument("--quick", action="store_true", help="CI-sized run with 2 variants (numbers not meaningful)")
-    study.add_argument("--variants", nargs="+", help="e.g. single@1 single@4 lln_layerscale (default: all)")
+    study.add_argument(
+        "--variants", nargs="+", metavar="VARIANT", help="e.g. single@1 single@4 lln_layerscale (default: all)"
+    )
     study.add_argument("--encoder-layers", type=int, help="depth of the tiny CLIP (default: the main job's)")
     study.add_argument(
         "--stage-steps",
         type=int,
         nargs=2,
         metavar=("STAGE1", "STAGE2"),
-        help="steps per stage (default: the main job's COMM steps)",
+        help="training steps of each stage (default: the main job's COMM steps)",
     )
-    plumbing = sub.add_parser("plumbing", help="build, save, reload and serve a random tiny COMM offline")
-    plumbing.add_argument("--output-dir", default="outputs/plumbing")
-    plumbing.add_argument("--layout", choices=["comm", "llava"], default="comm")
-    plumbing.add_argument("--seed", type=int, default=0)
-    train = sub.add_parser("train", help="run a training recipe (YAML) on TRL's SFTTrainer")
-    train.add_argument("--recipe", required=True, help="shipped recipe name (e.g. tiny_comm, comm) or YAML path")
-    train.add_argument("--output-dir", default="outputs/train")
-    train.add_argument("overrides", nargs="*", help="SFTConfig overrides for every stage, as key=value")
-    _add_hub_commands(sub)
+
+    plumbing = add_command("plumbing", "build, save, reload and serve a random tiny COMM offline (seconds)")
+    plumbing.add_argument("--output-dir", default="outputs/plumbing", help="where the tiny checkpoint is saved")
+    plumbing.add_argument(
+        "--layout", choices=["comm", "llava"], default="comm", help="COMM, or its LLaVA-equivalent configuration"
+    )
+    plumbing.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+
+    train = add_command("train", "run a training recipe (YAML) on TRL's SFTTrainer")
+    train.add_argument("--recipe", required=True, help="shipped recipe name (comm, llava) or path of a YAML recipe")
+    train.add_argument("--output-dir", default="outputs/train", help="where each stage's checkpoints are saved")
+    train.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="SFTConfig overrides for every stage (default: none)"
+    )
+
+    convert = add_command("convert", "convert a LLaVA-1.5 checkpoint to comm / matryoshka_llava")
+    convert.add_argument(
+        "--from",
+        dest="source_layout",
+        required=True,
+        choices=["llava-hf", "llava-original"],
+        help="layout of the source: transformers' llava-hf, or the LLaVA / M3 training code's",
+    )
+    convert.add_argument("source", help="source checkpoint directory (safetensors)")
+    convert.add_argument("output", help="output directory (must not exist or be empty, unless --overwrite)")
+    convert.add_argument(
+        "--to", dest="target", choices=["comm", "matryoshka_llava"], default="comm", help="family of the output"
+    )
+    convert.add_argument(
+        "--vision-tower",
+        help="llava-original: CLIP directory or Hub id (default: the source config's mm_vision_tower)",
+    )
+    convert.add_argument(
+        "--matryoshka-scales",
+        help="matryoshka_llava: trained scales, e.g. 1,9,36,144,576 (default: the paper's cascade for the grid)",
+    )
+    convert.add_argument("--base-model", help="Hub id of the source, recorded in the model card (default: none)")
+    convert.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard")
+    convert.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+
+    push = add_command("push", "push a checkpoint with remote code and a model card to the Hub")
+    push.add_argument("source", help="checkpoint directory saved by this package")
+    push.add_argument("repo_id", help="Hub repo, e.g. me/comm-7b (also used in the card with --local-dir)")
+    push.add_argument(
+        "--card", help="JSON file with model-card fields, see comm_vlm.hub.ModelCardInfo (default: none)"
+    )
+    push.add_argument("--recipe", help="training recipe (name or YAML) to describe in the card (default: none)")
+    push.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard")
+    push.add_argument("--private", action="store_true", help="make a new repo private")
+    push.add_argument(
+        "--revision", help="branch to commit to, created if missing (default: the repo's default branch)"
+    )
+    push.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    push.add_argument("--commit-message", help='commit message (default: "Upload <model class> with comm-vlm")')
+    push.add_argument("--local-dir", help="write the repo's files here instead of uploading (default: upload)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs `comm-vlm` with `argv` (default: the process's) and returns the exit status."""
     args = build_parser().parse_args(argv)
-
-    if args.command == "train":
-        return _train(args)
-    if args.command in ("convert", "push"):
-        try:
-            return _convert(args) if args.command == "convert" else _push(args)
-        except ValueError as err:
-            sys.stderr.write(f"comm-vlm {args.command}: {err}\n")
-            return 2
-    if args.command == "demo":
-        return _main_job(args)
-    if args.command == "layer-study":
-        return _layer_study(args)
-    np.random.seed(args.seed)
-    result = run_demo(args.output_dir, layout=args.layout, seed=args.seed)
-    width = max(len(k) for k in result)
-    for key, value in result.items():
-        sys.stdout.write(f"{key:<{width}}  {value}\n")
-    if result["reload_max_abs_logit_diff"] != 0.0:
-        sys.stderr.write("reload changed the logits\n")
-        return 1
-    return 0
+    command: Callable[[argparse.Namespace], int] = COMMANDS[args.command]
+    try:
+        return command(args)
+    except USER_ERRORS as err:
+        message = str(err) or type(err).__name__
+        sys.stderr.write(f"comm-vlm {args.command}: error: {message}\n")
+        return 2
 
 
 def _main_job(args: argparse.Namespace) -> int:
     from .demo.main_job import MainJobConfig, run_main_job
 
     config = MainJobConfig.for_run(args.quick, args.long, args.families, args.seed)
-    try:
-        config.validate()
-    except ValueError as err:
-        sys.stderr.write(f"comm-vlm demo: {err}\n")
-        return 2
+    config.validate()
     sys.stdout.write(
         "Offline main job. No pretrained encoders can be downloaded here, so one tiny CLIP and one tiny DINOv2 are\n"
         "first warmed up on the synthetic training scenes (per-patch colour/shape/category labels and boxes), then\n"
@@ -200,7 +186,7 @@ def _main_job(args: argparse.Namespace) -> int:
     return 0
 
 
-def layer_study_config(args: argparse.Namespace):
+def layer_study_config(args: argparse.Namespace) -> Any:
     """The `LayerStudyConfig` of parsed `layer-study` arguments (`ValueError` for non-positive `--stage-steps`)."""
     from .demo.layer_study import LayerStudyConfig
 
@@ -217,19 +203,26 @@ def layer_study_config(args: argparse.Namespace):
 
 
 def _layer_study(args: argparse.Namespace) -> int:
-    from .demo.layer_study import VariantError, run_layer_study
+    from .demo.layer_study import run_layer_study
 
-    try:
-        config = layer_study_config(args)
-    except ValueError as err:
-        sys.stderr.write(f"comm-vlm layer-study: {err}\n")
-        return 2
-    try:
-        results = run_layer_study(args.output_dir, config)
-    except VariantError as err:
-        sys.stderr.write(f"comm-vlm layer-study: {err}\n")
-        return 2
+    results = run_layer_study(args.output_dir, layer_study_config(args))
     sys.stdout.write(f"\n{results['table']}\n\nwall time {results['seconds']} s; plot {results['plot']}\n")
+    return 0
+
+
+def _plumbing(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .demo.plumbing import run_plumbing
+
+    np.random.seed(args.seed)
+    result = run_plumbing(args.output_dir, layout=args.layout, seed=args.seed)
+    width = max(len(k) for k in result)
+    for key, value in result.items():
+        sys.stdout.write(f"{key:<{width}}  {value}\n")
+    if result["reload_max_abs_logit_diff"] != 0.0:
+        sys.stderr.write("comm-vlm plumbing: reload changed the logits\n")
+        return 1
     return 0
 
 
@@ -247,34 +240,15 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_hub_commands(sub: argparse._SubParsersAction) -> None:
-    convert = sub.add_parser("convert", help="convert a LLaVA-1.5 checkpoint to comm / matryoshka_llava")
-    convert.add_argument("--from", dest="source_layout", required=True, choices=["llava-hf", "llava-original"])
-    convert.add_argument("source", help="source checkpoint directory (safetensors)")
-    convert.add_argument("output", help="output directory (must not exist or be empty, unless --overwrite)")
-    convert.add_argument("--to", dest="target", choices=["comm", "matryoshka_llava"], default="comm")
-    convert.add_argument("--vision-tower", help="llava-original: CLIP directory or Hub id (default: mm_vision_tower)")
-    convert.add_argument("--matryoshka-scales", help="matryoshka_llava: trained scales, e.g. 1,9,36,144,576")
-    convert.add_argument("--base-model", help="Hub id of the source, recorded in the model card")
-    convert.add_argument("--max-shard-size", default="5GB")
-    convert.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
-    push = sub.add_parser("push", help="push a checkpoint with remote code and a model card to the Hub")
-    push.add_argument("source", help="checkpoint directory saved by this package")
-    push.add_argument("repo_id", help="Hub repo, e.g. me/comm-7b (also used in the card with --local-dir)")
-    push.add_argument("--card", help="JSON file with model-card fields (see comm_vlm.hub.ModelCardInfo)")
-    push.add_argument("--recipe", help="training recipe (name or YAML) to describe in the card")
-    push.add_argument("--max-shard-size", default="5GB")
-    push.add_argument("--private", action="store_true")
-    push.add_argument("--revision", help="branch to commit to")
-    push.add_argument("--create-pr", action="store_true")
-    push.add_argument("--commit-message")
-    push.add_argument("--local-dir", help="write the repo's files here instead of uploading (no network)")
-
-
 def _convert(args: argparse.Namespace) -> int:
+    try:
+        scales = [int(s) for s in args.matryoshka_scales.split(",")] if args.matryoshka_scales else None
+    except ValueError:
+        raise ValueError(
+            f"--matryoshka-scales takes integers separated by commas, got {args.matryoshka_scales!r}"
+        ) from None
     from .convert import convert_checkpoint
 
-    scales = [int(s) for s in args.matryoshka_scales.split(",")] if args.matryoshka_scales else None
     files = convert_checkpoint(
         args.source,
         args.output,
@@ -327,6 +301,16 @@ def _push(args: argparse.Namespace) -> int:
     )
     sys.stdout.write(f"pushed to {args.repo_id}: {getattr(commit, 'commit_url', commit)}\n")
     return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "demo": _main_job,
+    "layer-study": _layer_study,
+    "plumbing": _plumbing,
+    "train": _train,
+    "convert": _convert,
+    "push": _push,
+}
 
 
 if __name__ == "__main__":

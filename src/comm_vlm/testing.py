@@ -1,9 +1,10 @@
 """Tiny, random-weight, fully offline checkpoints for tests, demos and benchmarks.
 
 Nothing here touches the network: the tokenizer is a byte-level BPE trained in memory on a few sentences and the
-models are built from configs. `build_tiny_comm(...)` gives a COMM model (CLIP + DINOv2, multi-level merging),
-`build_tiny_comm(..., layout="llava")` the LLaVA-equivalent configuration, and `build_tiny_llava(...)` transformers'
-own `LlavaForConditionalGeneration` with the same sizes, for parity checks.
+models are built from configs. `build_tiny_checkpoint(path, family=...)` saves a model and processor of any family
+(COMM: CLIP + DINOv2, multi-level merging; `layout="llava"`: the LLaVA-equivalent configuration), and
+`tiny_llava_config()` gives transformers' own `LlavaConfig` with the same sizes, for parity checks. No product module
+imports this one; `register_tiny_model_source()` lets recipes name `model: {tiny: comm}` (`tests/recipes/`).
 """
 
 from __future__ import annotations
@@ -215,3 +216,21 @@ def build_tiny_checkpoint(
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return model, processor
+
+
+def _tiny_model_source(layout: str, source: dict, run_dir):
+    """The recipes' `model: {tiny: comm|llava}`: a random tiny checkpoint built under the run directory."""
+    from pathlib import Path
+
+    from .training.recipes import MODEL_SOURCES
+
+    path = Path(run_dir) / "init"
+    build_tiny_checkpoint(path, layout=layout, seed=source.get("seed", 0))
+    return MODEL_SOURCES["pretrained"](str(path), source, run_dir)
+
+
+def register_tiny_model_source() -> None:
+    """Lets recipes name `model: {tiny: comm}` (the test recipes in `tests/recipes/`)."""
+    from .training.recipes import register_model_source
+
+    register_model_source("tiny", _tiny_model_source)

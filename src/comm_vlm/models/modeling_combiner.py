@@ -12,9 +12,10 @@ Which text is "the prompt" (`prompt_text_mask`): the positions of the image's ro
 not padding (`attention_mask`), and before `prompt_length` when given; with `labels`, only positions labelled -100
 that come before the first supervised token following the image (so no answer token, and no later turn, is fused
 into tokens the answer can attend to). Without labels (inference), the whole prompt. Trainers that compute the loss
-outside the model call the backbone without `labels` (TRL's fused LM head, installed as the instance's `forward`):
-the model wraps such a forward so the labels still reach the combiner, as `combiner_labels`. A training forward with
-neither raises, since the combiner would fuse the answer into the tokens the answer is predicted from.
+outside the model call the backbone without `labels` (TRL's fused LM head): the training collator
+(`comm_vlm.training.TrainingBatchCollator`) copies the labels into the batch as `combiner_labels`, which reach the
+combiner. A training forward with neither raises, since the combiner would fuse the answer into the tokens the answer
+is predicted from.
 
 Multi-turn nuance: in training (labels), an image is fused with the unsupervised text of its own turn and earlier
 prompts; at inference the model cannot tell turns apart and fuses each image with the whole conversation so far, so
@@ -58,7 +59,9 @@ def unshift_labels(shift_labels: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.full_like(shift_labels[:, :1], IGNORE_INDEX), shift_labels[:, :-1]], dim=1)
 
 
-def image_runs(image_mask: torch.Tensor, num_images: int, tokens_per_image: int) -> tuple[torch.Tensor, torch.Tensor]:
+def image_rows_and_starts(
+    image_mask: torch.Tensor, num_images: int, tokens_per_image: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Maps each image to its row and the position of its first placeholder.
 
     Images are taken in order of appearance (row-major), `tokens_per_image` placeholders each, as `masked_scatter`
@@ -101,7 +104,7 @@ def prompt_text_mask(
 
     Args:
         image_mask (`torch.BoolTensor` of shape `(B, T)`): image placeholder positions.
-        rows, starts (`torch.LongTensor` of shape `(num_images,)`): from `image_runs`.
+        rows, starts (`torch.LongTensor` of shape `(num_images,)`): from `image_rows_and_starts`.
         attention_mask (`torch.Tensor` of shape `(B, T)`, *optional*): 0 for padding (4D masks are ignored here).
         labels (`torch.LongTensor` of shape `(B, T)`, *optional*): -100 for unsupervised positions.
         prompt_length (`int`, *optional*): positions `>= prompt_length` are never fused (set by `generate`).
@@ -173,14 +176,13 @@ class AdaptiveCombinerModel(AdaptiveCombinerPreTrainedModel, CommModel):
         )
         self.post_init()  # initialises the combiner only: the rest is already marked initialised
 
-    def image_token_mask(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor) -> torch.Tensor:
-        """`(B, T)` boolean mask of the image placeholders (found by embedding when only `inputs_embeds` is given)."""
-        if input_ids is not None:
-            return input_ids == self.config.image_token_id
-        image_embed = self.get_input_embeddings()(
-            torch.tensor(self.config.image_token_id, dtype=torch.long, device=inputs_embeds.device)
+    def image_token_count_hint(self) -> str:
+        n = self.config.combiner_num_latents
+        return (
+            f"({n} fused tokens per image). Expand each image placeholder to `combiner_num_latents` = {n} tokens "
+            "(CommProcessor(num_image_tokens=config.combiner_num_latents) does) and pass exactly one image per "
+            "placeholder run."
         )
-        return (inputs_embeds == image_embed).all(-1)
 
     def fuse_image_features(
         self,
@@ -203,7 +205,7 @@ class AdaptiveCombinerModel(AdaptiveCombinerPreTrainedModel, CommModel):
             `torch.Tensor` of shape `(num_images, N, D_llm)`.
         """
         num_latents = self.config.combiner_num_latents
-        rows, starts = image_runs(image_mask, image_features.shape[0], num_latents)
+        rows, starts = image_rows_and_starts(image_mask, image_features.shape[0], num_latents)
         text_mask = prompt_text_mask(image_mask, rows, starts, attention_mask, labels, prompt_length)
         if labels is not None and not bool(text_mask.any(-1).all()):
             logger.warning_once(
@@ -245,36 +247,32 @@ class AdaptiveCombinerModel(AdaptiveCombinerPreTrainedModel, CommModel):
         Returns:
             [`CommModelOutputWithPast`] whose `image_hidden_states` are the fused tokens `(num_images * N, D_llm)`.
         """
-        if (input_ids is None) ^ (inputs_embeds is not None):
-            raise ValueError("You must specify exactly one of input_ids or inputs_embeds.")
-        if pixel_values is not None and mm_encoder_outputs is not None and mm_encoder_outputs.get("image") is not None:
-            raise ValueError("Pass either pixel_values or mm_encoder_outputs['image'], not both.")
-        if inputs_embeds is None:
-            inputs_embeds = self.get_input_embeddings()(input_ids)
+        inputs_embeds, image_outputs, special_image_mask = self.embed_inputs(
+            input_ids, inputs_embeds, pixel_values, mm_encoder_outputs
+        )
         if labels is None and kwargs.get("shift_labels") is not None:
             labels = unshift_labels(kwargs["shift_labels"])
         if labels is None:
             labels = combiner_labels
 
-        image_outputs = (mm_encoder_outputs or {}).get("image")
-        if image_outputs is None and pixel_values is not None:
-            image_outputs = self.get_image_features(pixel_values)
         fused = None
         if image_outputs is not None:
             image_features = torch.stack(list(image_outputs.pooler_output))  # (num_images, S_v, D_llm)
-            image_mask = self.image_token_mask(input_ids, inputs_embeds)  # (B, T)
+            image_mask = special_image_mask.squeeze(-1)  # (B, T)
             if labels is None and prompt_length is None and self.training and torch.is_grad_enabled():
                 raise ValueError(
                     "The adaptive combiner is training without `labels`, so it cannot tell the prompt from the answer "
                     "and would fuse the answer into the visual tokens the answer is predicted from (label leakage). "
                     "Pass `labels` (-100 on the prompt), or `combiner_labels` when the loss is computed outside the "
-                    "model, or call `model.eval()` for inference."
+                    "model: with TRL's SFTTrainer, pass `data_collator=TrainingBatchCollator(<its collator>, "
+                    "model.config)` (from `comm_vlm.training`, it adds them), or build the trainer with "
+                    "`comm_vlm.training.build_trainer`. For inference, call `model.eval()`."
                 )
             fused = self.fuse_image_features(
                 image_features, inputs_embeds, image_mask, attention_mask, labels, prompt_length
             )
             fused = fused.reshape(-1, fused.shape[-1])  # (num_images * N, D_llm)
-            inputs_embeds = inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), fused)
+            inputs_embeds = inputs_embeds.masked_scatter(special_image_mask, fused)
 
         return self.run_language_model(inputs_embeds, attention_mask, position_ids, past_key_values, fused, **kwargs)
 
@@ -287,17 +285,6 @@ class AdaptiveCombinerForConditionalGeneration(AdaptiveCombinerPreTrainedModel, 
         self.model = AdaptiveCombinerModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
-
-    def adapt_installed_forward_kwargs(self, kwargs: dict) -> dict:
-        """A forward installed by a trainer (TRL's fused LM head, which calls the backbone without `labels`) passes
-        the labels on as `combiner_labels`, so the combiner still keeps the answer out of the fused tokens."""
-        if kwargs.get("combiner_labels") is None:
-            labels, shift_labels = kwargs.get("labels"), kwargs.get("shift_labels")
-            if labels is None and shift_labels is not None:
-                labels = unshift_labels(shift_labels)
-            if labels is not None:
-                kwargs["combiner_labels"] = labels
-        return kwargs
 
     def generate(self, inputs: torch.Tensor | None = None, *args, prompt_length: int | None = None, **kwargs):
         """`GenerationMixin.generate`, recording the prompt length so the combiner never fuses generated tokens
@@ -351,7 +338,7 @@ __all__ = [
     "AdaptiveCombinerForConditionalGeneration",
     "AdaptiveCombinerModel",
     "AdaptiveCombinerPreTrainedModel",
-    "image_runs",
+    "image_rows_and_starts",
     "prompt_text_mask",
     "unshift_labels",
 ]

@@ -14,7 +14,6 @@ match `LlavaForConditionalGeneration`, so a COMM configured as LLaVA loads LLaVA
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +24,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, ModelOutput
+from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import logging
 
 from .configuration_comm import CommConfig, patch_grid
@@ -255,9 +255,22 @@ class CommModel(CommPreTrainedModel):
         return BaseModelOutputWithPooling(last_hidden_state=image_features, pooler_output=list(image_features))
 
     def get_placeholder_mask(
-        self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor, image_features: torch.Tensor
-    ) -> torch.Tensor:
-        """Boolean mask `(B, T, 1)` of image placeholder positions; raises if their count != visual tokens."""
+        self,
+        input_ids: torch.LongTensor | None,
+        inputs_embeds: torch.Tensor,
+        image_features: torch.Tensor | None = None,
+    ) -> torch.BoolTensor:
+        """Image placeholder positions, from `input_ids` or (without them) by matching the placeholder's embedding.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(B, T)`, *optional*).
+            inputs_embeds (`torch.Tensor` of shape `(B, T, D)`).
+            image_features (`torch.Tensor` of shape `(total_image_tokens, D)`, *optional*): when given, their count
+                is checked against the placeholders (`check_image_token_count`).
+
+        Returns:
+            `torch.BoolTensor` of shape `(B, T, 1)`, as LLaVA's (ready for `masked_scatter`).
+        """
         if input_ids is None:
             image_embed = self.get_input_embeddings()(
                 torch.tensor(self.config.image_token_id, dtype=torch.long, device=inputs_embeds.device)
@@ -265,16 +278,56 @@ class CommModel(CommPreTrainedModel):
             special_image_mask = (inputs_embeds == image_embed).all(-1)
         else:
             special_image_mask = input_ids == self.config.image_token_id
+        special_image_mask = special_image_mask.unsqueeze(-1).to(inputs_embeds.device)
+        if image_features is not None:
+            self.check_image_token_count(special_image_mask, image_features)
+        return special_image_mask
+
+    def image_token_count_hint(self) -> str:
+        """How to write the placeholders right, for the error of `check_image_token_count`."""
+        per_image = self.config.image_seq_length
+        return (
+            f"({per_image} per image). Expand each image placeholder to {per_image} tokens (CommProcessor does) and "
+            "pass exactly one image per placeholder."
+        )
+
+    def check_image_token_count(self, special_image_mask: torch.BoolTensor, image_features: torch.Tensor) -> None:
+        """Raises if the placeholders `(B, T[, 1])` are not as many as the visual tokens `(total_image_tokens, D)`."""
         n_image_tokens = int(special_image_mask.sum())
         if n_image_tokens != image_features.shape[0]:
-            per_image = self.config.image_seq_length
             raise ValueError(
                 f"Image features and image tokens do not match: the text has {n_image_tokens} image tokens "
                 f"(id {self.config.image_token_id}) but the images give {image_features.shape[0]} visual tokens "
-                f"({per_image} per image). Expand each image placeholder to {per_image} tokens (CommProcessor does) "
-                "and pass exactly one image per placeholder."
+                f"{self.image_token_count_hint()}"
             )
-        return special_image_mask.unsqueeze(-1).to(inputs_embeds.device)
+
+    def embed_inputs(
+        self,
+        input_ids: torch.LongTensor | None,
+        inputs_embeds: torch.FloatTensor | None,
+        pixel_values: torch.FloatTensor | None,
+        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None,
+    ) -> tuple[torch.FloatTensor, BaseModelOutputWithPooling | None, torch.BoolTensor | None]:
+        """LLaVA's forward preamble, shared by every family: checks the inputs, embeds the text, encodes the images
+        (unless `mm_encoder_outputs` holds them) and finds their placeholders.
+
+        Returns:
+            `(inputs_embeds, image_outputs, special_image_mask)`: the text embeddings `(B, T, D)` (placeholders not yet
+            filled), `get_image_features`' output (`None` without images) and the placeholder mask `(B, T, 1)`
+            (`None` without images; its count is the family's to check).
+        """
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds.")
+        image_outputs = (mm_encoder_outputs or {}).get("image")
+        if pixel_values is not None and image_outputs is not None:
+            raise ValueError("Pass either pixel_values or mm_encoder_outputs['image'], not both.")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        if image_outputs is None and pixel_values is not None:
+            image_outputs = self.get_image_features(pixel_values)
+        if image_outputs is None:
+            return inputs_embeds, None, None
+        return inputs_embeds, image_outputs, self.get_placeholder_mask(input_ids, inputs_embeds)
 
     def run_language_model(
         self,
@@ -320,21 +373,14 @@ class CommModel(CommPreTrainedModel):
             mm_encoder_outputs (`dict`, *optional*): precomputed `{"image": get_image_features(...)}` (generation
                 encodes images once before prefill and passes them here).
         """
-        if (input_ids is None) ^ (inputs_embeds is not None):
-            raise ValueError("You must specify exactly one of input_ids or inputs_embeds.")
-        if pixel_values is not None and mm_encoder_outputs is not None and mm_encoder_outputs.get("image") is not None:
-            raise ValueError("Pass either pixel_values or mm_encoder_outputs['image'], not both.")
-        if inputs_embeds is None:
-            inputs_embeds = self.get_input_embeddings()(input_ids)
-
-        image_outputs = (mm_encoder_outputs or {}).get("image")
-        if image_outputs is None and pixel_values is not None:
-            image_outputs = self.get_image_features(pixel_values)
+        inputs_embeds, image_outputs, special_image_mask = self.embed_inputs(
+            input_ids, inputs_embeds, pixel_values, mm_encoder_outputs
+        )
         image_features = None
         if image_outputs is not None:
             image_features = torch.cat(list(image_outputs.pooler_output), dim=0)
             image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
-            special_image_mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_features)
+            self.check_image_token_count(special_image_mask, image_features)
             inputs_embeds = inputs_embeds.masked_scatter(special_image_mask, image_features)
 
         return self.run_language_model(
@@ -362,36 +408,6 @@ class CommForConditionalGeneration(CommPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
 
-    # ---- forwards installed by trainers --------------------------------------------------------------------------
-    # Trainers may replace `forward` on the instance: TRL's fused LM head computes the loss itself from the backbone's
-    # hidden states and calls the backbone without `labels`. Families whose own forward prepares the batch (M3
-    # re-lays it for all scales; the combiner needs the labels to keep the answer out of the fused tokens) override
-    # `adapt_installed_forward_kwargs`, and any installed forward is wrapped to apply it first.
-
-    def adapt_installed_forward_kwargs(self, kwargs: dict) -> dict:
-        """The keyword arguments (positional ones already named) a forward installed on the instance receives."""
-        return kwargs
-
-    def __setattr__(self, name: str, value) -> None:
-        if name == "forward" and callable(value) and not getattr(value, "_comm_adapter", False):
-            own = getattr(value, "__self__", None) is self and getattr(value, "__func__", None) is type(self).forward
-            base = CommForConditionalGeneration.adapt_installed_forward_kwargs
-            if not own and type(self).adapt_installed_forward_kwargs is not base:
-                value = self._wrap_installed_forward(value)
-        super().__setattr__(name, value)
-
-    def _wrap_installed_forward(self, forward):
-        code = type(self).forward.__code__
-        names = code.co_varnames[1 : code.co_argcount]
-
-        @functools.wraps(forward)
-        def adapted(*args, **kwargs):
-            kwargs.update(zip(names, args))
-            return forward(**self.adapt_installed_forward_kwargs(kwargs))
-
-        adapted._comm_adapter = True
-        return adapted
-
     def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs) -> BaseModelOutputWithPooling:
         return self.model.get_image_features(pixel_values, **kwargs)
 
@@ -402,13 +418,14 @@ class CommForConditionalGeneration(CommPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CommCausalLMOutputWithPast:
-        """Logits of the kept positions and, with `labels` `(B, T)`, the causal-LM loss; shared by every family."""
-        hidden_states = outputs.last_hidden_state
-        if isinstance(logits_to_keep, int):
-            hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
-        else:
-            hidden_states = hidden_states[:, logits_to_keep]
-        logits = self.lm_head(hidden_states)
+        """Logits of the kept positions and, with `labels` `(B, T)`, the causal-LM loss; shared by every family.
+
+        Args:
+            outputs ([`CommModelOutputWithPast`]): the backbone's, `last_hidden_state` `(B, T, D)`.
+            labels (`torch.LongTensor` of shape `(B, T)`, *optional*): next-token targets (-100 = ignored).
+            logits_to_keep (`int` or `torch.Tensor`): see `transformers.modeling_utils.slice_logits_to_keep`.
+        """
+        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
         loss = None
         if labels is not None:
             loss = self.loss_function(

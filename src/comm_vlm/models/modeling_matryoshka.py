@@ -14,13 +14,14 @@ mu-cai/matryoshka-mm. One set of weights serves S in {1, 9, 36, 144, 576} visual
   (`random_scale`: one random scale per sample). The vision branch runs once per image; all scales are pooled from
   the same projected grid, and the scale variants are packed into rows (see `packing_matryoshka`) that go through
   the LLM in one batched call (`matryoshka_packing="one_row"`) or two (`"split"`: full-grid rows, then the packed
-  rest), never one pass per scale. Any Trainer works: the model owns the objective, and forwards patched from
-  outside (TRL's fused LM head, which never passes `labels` to the model's own forward) still get the re-laid batch.
+  rest), never one pass per scale. A Trainer that passes `labels` gets the objective from the model. A loss computed
+  outside the model (TRL's fused LM head calls the backbone without `labels`) needs the batch re-laid beforehand by
+  the training collator (`comm_vlm.training.TrainingBatchCollator`, the same `relay_training_inputs`); a training
+  forward on images that were neither re-laid nor given labels or an explicit `matryoshka_scale` raises.
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -39,10 +40,10 @@ from .modeling_comm import (
     CommPreTrainedModel,
 )
 from .packing_matryoshka import (
-    IGNORE_INDEX,
-    MatryoshkaLayout,
-    build_layout,
-    image_runs,
+    _as_list,
+    build_scale_batch,
+    packed_attention_mask,
+    relay_training_inputs,
     split_image_occurrences,
     weighted_next_token_loss,
 )
@@ -67,17 +68,11 @@ class MatryoshkaCausalLMOutputWithPast(CommCausalLMOutputWithPast):
     With `labels` the model re-lays the batch into rows holding the scale variants (see `packing_matryoshka`):
     `logits` then follow those rows. `matryoshka_image_scales` `(num_runs,)` gives the tokens
     of every image run the LLM saw, `matryoshka_row_source` `(rows,)` the input sample of each row (`None` when the
-    batch was not re-laid).
+    model did not re-lay the batch).
     """
 
     matryoshka_image_scales: torch.LongTensor | None = None
     matryoshka_row_source: torch.LongTensor | None = None
-
-
-def _as_list(value) -> list[int] | None:
-    if value is None:
-        return None
-    return [int(v) for v in (value.tolist() if isinstance(value, torch.Tensor) else value)]
 
 
 class MatryoshkaLlavaModel(CommModel):
@@ -165,15 +160,6 @@ class MatryoshkaLlavaModel(CommModel):
             matryoshka_image_scales=torch.tensor(scales, dtype=torch.long, device=full.device),
         )
 
-    def placeholder_mask(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor) -> torch.Tensor:
-        """Boolean `(B, T)` mask of image placeholder positions."""
-        if input_ids is not None:
-            return input_ids == self.config.image_token_id
-        image_embed = self.get_input_embeddings()(
-            torch.tensor(self.config.image_token_id, dtype=torch.long, device=inputs_embeds.device)
-        )
-        return (inputs_embeds == image_embed).all(-1)
-
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -186,7 +172,7 @@ class MatryoshkaLlavaModel(CommModel):
         matryoshka_scale: int | None = None,
         matryoshka_image_scales: torch.LongTensor | None = None,
         matryoshka_image_index: torch.LongTensor | None = None,
-        matryoshka_rows: torch.LongTensor | None = None,
+        matryoshka_segment_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> CommModelOutputWithPast:
         """
@@ -202,57 +188,60 @@ class MatryoshkaLlavaModel(CommModel):
                 (the processor returns it; needed only when runs of different scales touch).
             matryoshka_image_index (`torch.LongTensor` of shape `(num_runs,)`, *optional*): the image of each run
                 (a re-laid training batch shows an image once per scale).
-            matryoshka_rows (`torch.LongTensor` of shape `(B, 2)`, *optional*): real length and packed flag of every
-                row of a re-laid training batch (`MatryoshkaLayout.rows`); plain and packed rows then run as two
-                trimmed LLM calls.
+            matryoshka_segment_ids (`torch.LongTensor` of shape `(B, T)`, *optional*): the segments of every row of a
+                re-laid training batch (`MatryoshkaScaleBatch.segment_ids`); plain and packed rows then run as two
+                trimmed LLM calls, packed ones under the 4D mask built from the segments.
         """
-        if (input_ids is None) ^ (inputs_embeds is not None):
-            raise ValueError("You must specify exactly one of input_ids or inputs_embeds.")
-        image_outputs = (mm_encoder_outputs or {}).get("image")
-        if pixel_values is not None and image_outputs is not None:
-            raise ValueError("Pass either pixel_values or mm_encoder_outputs['image'], not both.")
-        if inputs_embeds is None:
-            inputs_embeds = self.get_input_embeddings()(input_ids)
+        inputs_embeds, image_outputs, mask = self.embed_inputs(
+            input_ids, inputs_embeds, pixel_values, mm_encoder_outputs
+        )
         image_features = None
-        if image_outputs is None and pixel_values is not None:
-            image_outputs = self.get_image_features(pixel_values)
         if image_outputs is not None:
-            mask = self.placeholder_mask(input_ids, inputs_embeds)
+            objective_set = matryoshka_image_index is not None or matryoshka_scale is not None  # re-laid, or one scale
+            if not objective_set and self.training and torch.is_grad_enabled():
+                raise ValueError(
+                    "Matryoshka-LLaVA is training on images whose batch was not re-laid for its scales, with no "
+                    "`labels` to re-lay it here (a loss computed outside the model, e.g. TRL's fused LM head), so it "
+                    "would train only the scale the placeholders hold, not the mean over `matryoshka_scales`. With "
+                    "TRL's SFTTrainer, pass `data_collator=TrainingBatchCollator(DataCollatorForVisionLanguageModeling"
+                    "(processor), model.config)` (from `comm_vlm.training`, it re-lays every batch), or build the "
+                    "trainer with `comm_vlm.training.build_trainer`. For one scale, pass `matryoshka_scale`; for "
+                    "inference, call `model.eval()`."
+                )
+            run_scales = _as_list(matryoshka_image_scales)
             image_features = self._image_tokens(
-                image_outputs, mask, matryoshka_scale, _as_list(matryoshka_image_scales), matryoshka_image_index
+                image_outputs, mask.squeeze(-1), matryoshka_scale, run_scales, matryoshka_image_index
             )
             image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
-            inputs_embeds = inputs_embeds.masked_scatter(mask.unsqueeze(-1), image_features)
+            inputs_embeds = inputs_embeds.masked_scatter(mask, image_features)
 
-        if matryoshka_rows is not None and past_key_values is None and attention_mask is not None:
-            return self._bucketed_language_model(
-                inputs_embeds, attention_mask, position_ids, matryoshka_rows, image_features, kwargs
-            )
+        if matryoshka_segment_ids is not None and past_key_values is None:
+            return self._run_scale_rows(inputs_embeds, position_ids, matryoshka_segment_ids, image_features, kwargs)
         return self.run_language_model(
             inputs_embeds, attention_mask, position_ids, past_key_values, image_features, **kwargs
         )
 
-    def _bucketed_language_model(self, inputs_embeds, attention_mask, position_ids, rows, image_features, kwargs):
-        """Runs a re-laid training batch as two LLM calls, plain rows (causal) and packed rows (4D mask), each trimmed
-        to its longest row; rows are independent, so this equals one call on the padded batch. Padding positions of
-        the returned `last_hidden_state` are zero."""
+    def _run_scale_rows(self, inputs_embeds, position_ids, segment_ids, image_features, kwargs):
+        """Runs a re-laid training batch (right-padded rows) as two LLM calls, plain rows (causal) and packed rows (4D
+        mask from `segment_ids`), each trimmed to its longest row; rows are independent, so this equals one call on
+        the padded batch. Padding positions of the returned `last_hidden_state` are zero."""
         if kwargs.get("output_hidden_states") or kwargs.get("output_attentions"):
             raise ValueError("A re-laid Matryoshka training batch returns no per-layer hidden states or attentions.")
-        lengths, packed = rows[:, 0], rows[:, 1].bool()
+        lengths, packed = (segment_ids >= 0).sum(1), segment_ids.amax(1) > 1
+        attn = getattr(self.language_model.config, "_attn_implementation", None)
+        mask_dtype = inputs_embeds.dtype if attn == "eager" else None  # additive for eager, bool for SDPA
         hidden = torch.zeros_like(inputs_embeds)
         for is_packed in (False, True):
             idx = (packed == is_packed).nonzero().squeeze(1)
             if idx.numel() == 0:
                 continue
             length = int(lengths[idx].max())
-            positions = None
-            if attention_mask.ndim == 2:
-                mask = attention_mask[idx, :length]
-            elif is_packed:
-                mask = attention_mask[idx][..., :length, :length]
+            if is_packed:
+                mask = packed_attention_mask(segment_ids[idx, :length], mask_dtype)
                 positions = None if position_ids is None else position_ids[idx, :length]
-            else:  # plain causal rows, right-padded
+            else:
                 mask = (torch.arange(length, device=idx.device)[None] < lengths[idx, None]).long()
+                positions = None
             out = self.language_model(
                 inputs_embeds=inputs_embeds[idx, :length], attention_mask=mask, position_ids=positions, **kwargs
             )
@@ -282,15 +271,16 @@ class MatryoshkaLlavaModel(CommModel):
             occurrences = split_image_occurrences(mask, num_runs, run_scales)
             run_scales = [length for row in occurrences for _, length in row]
             features = torch.cat(self.select_tokens(full, run_scales, index), dim=0)
-        if int(mask.sum()) != features.shape[0]:
-            raise ValueError(
-                f"Image features and image tokens do not match: the text has {int(mask.sum())} image tokens "
-                f"(id {self.config.image_token_id}) but the images give {features.shape[0]} visual tokens. Write one "
-                f"run of S placeholders per image with S a scale of the {self.config.matryoshka_grid}x"
-                f"{self.config.matryoshka_grid} grid ({self.config.valid_scales()}); "
-                "MatryoshkaLlavaProcessor(..., matryoshka_scale=S) does."
-            )
+        self.check_image_token_count(mask, features)
         return features
+
+    def image_token_count_hint(self) -> str:
+        """How to write the placeholders right, for the error of `check_image_token_count`."""
+        grid = self.config.matryoshka_grid
+        return (
+            f"Write one run of S placeholders per image with S a scale of the {grid}x{grid} grid "
+            f"({self.config.valid_scales()}); MatryoshkaLlavaProcessor(..., matryoshka_scale=S) does."
+        )
 
 
 class MatryoshkaLlavaForConditionalGeneration(CommForConditionalGeneration):
@@ -314,118 +304,6 @@ class MatryoshkaLlavaForConditionalGeneration(CommForConditionalGeneration):
     def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs) -> MatryoshkaImageOutput:
         return self.model.get_image_features(pixel_values, **kwargs)
 
-    # ---- training layout --------------------------------------------------------------------------------------
-
-    def matryoshka_layout(
-        self,
-        input_ids: torch.LongTensor,
-        attention_mask: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        matryoshka_scale: int | None = None,
-        matryoshka_image_scales: torch.LongTensor | list[int] | None = None,
-        num_images: int | None = None,
-        weighted: bool = True,
-    ) -> MatryoshkaLayout:
-        """The batch the LLM sees for the training objective (see `packing_matryoshka`).
-
-        Args:
-            input_ids (`torch.LongTensor` of shape `(B, T)`): one placeholder run per image, any length.
-            attention_mask (`torch.Tensor` of shape `(B, T)`, *optional*): padding (either side) is dropped.
-            labels (`torch.LongTensor` of shape `(B, T)`, *optional*): targets; image positions become -100.
-            matryoshka_scale (`int`, *optional*): one scale for every image (a single-scale loss).
-            matryoshka_image_scales (`torch.LongTensor` of shape `(num_images,)`, *optional*): the current tokens of
-                each image (the processor's output), to split touching runs.
-            num_images (`int`, *optional*): images in the batch (inferred from the runs when `None`).
-            weighted (`bool`): allow the shared-prefix layout with prefix weights (the model's own loss). `False`
-                gives uniform weights, for losses computed outside the model.
-        """
-        counts = _as_list(matryoshka_image_scales)
-        mask = input_ids == self.config.image_token_id
-        if attention_mask is not None and attention_mask.ndim == 2:
-            mask &= attention_mask.bool()
-        if num_images is None:
-            num_images = len(counts) if counts is not None else sum(len(row) for row in image_runs(mask))
-        occurrences = split_image_occurrences(mask, num_images, counts)
-        counts = [length for row in occurrences for _, length in row]
-        if matryoshka_scale is not None:
-            check_matryoshka_scale(matryoshka_scale, self.config.matryoshka_grid)
-            variants = [[[matryoshka_scale] * len(occ)] for occ in occurrences]
-        elif self.config.matryoshka_training_mode == "random_scale" and self.training:
-            scales = self.config.matryoshka_scales
-            picks = torch.randint(len(scales), (len(occurrences),)).tolist()
-            variants = [[[scales[p]] * len(occ)] for p, occ in zip(picks, occurrences)]
-        else:
-            variants = [[[s] * len(occ) for s in self.config.matryoshka_scales] for occ in occurrences]
-        # Packed layouts need a custom 4D mask: bool for SDPA, additive for eager; other kernels get padded rows.
-        attn = getattr(self.model.language_model.config, "_attn_implementation", None) or "sdpa"
-        layout = "packed_shared" if self.config.matryoshka_share_prefix else "packed"
-        mask_dtype = self.dtype if attn == "eager" else None
-        if attn not in ("sdpa", "eager"):
-            layout = "padded"
-        packing = self.config.matryoshka_packing
-        split = packing == "split" or (packing == "auto" and input_ids.device.type == "cpu")
-        pad_id = self.config.text_config.pad_token_id
-        build = functools.partial(
-            build_layout,
-            input_ids,
-            attention_mask if attention_mask is None or attention_mask.ndim == 2 else None,
-            labels,
-            self.config.image_token_id,
-            variants,
-            token_counts=counts,
-            pad_token_id=0 if pad_id is None else pad_id,
-            mask_dtype=mask_dtype,
-            split_largest=split,
-        )
-        result = build(layout=layout)
-        if not weighted and result.label_weights is not None:
-            weighted_labels = (result.label_weights != 1) & (result.labels != IGNORE_INDEX)
-            if bool(weighted_labels.any()):
-                result = build(layout="packed")
-        return result
-
-    def _relay_training_kwargs(self, kwargs: dict, weighted: bool) -> tuple[dict, MatryoshkaLayout | None]:
-        """Re-lays a forward's kwargs for the objective when it has labels, images and an input_ids batch."""
-        labels = kwargs.get("labels")
-        has_images = kwargs.get("pixel_values") is not None or (kwargs.get("mm_encoder_outputs") or {}).get("image")
-        if labels is None or not has_images or kwargs.get("matryoshka_image_index") is not None:
-            return kwargs, None
-        if kwargs.get("input_ids") is None:
-            raise ValueError("The Matryoshka objective re-lays `input_ids`; pass input_ids, not inputs_embeds.")
-        if kwargs.get("position_ids") is not None or kwargs.get("past_key_values") is not None:
-            raise ValueError(
-                "The Matryoshka objective builds its own positions; train without position_ids/past_key_values "
-                "(padded batches, no padding-free packing)."
-            )
-        pixel_values = kwargs.get("pixel_values")
-        layout = self.matryoshka_layout(
-            kwargs["input_ids"],
-            kwargs.get("attention_mask"),
-            labels,
-            matryoshka_scale=kwargs.get("matryoshka_scale"),
-            matryoshka_image_scales=kwargs.get("matryoshka_image_scales"),
-            num_images=None if pixel_values is None else pixel_values.shape[0],
-            weighted=weighted,
-        )
-        kwargs = {**kwargs}
-        kwargs.update(
-            input_ids=layout.input_ids,
-            attention_mask=layout.attention_mask,
-            position_ids=layout.position_ids,
-            labels=layout.labels,
-            matryoshka_scale=None,
-            matryoshka_image_scales=layout.image_scales,
-            matryoshka_image_index=layout.image_index,
-            matryoshka_rows=layout.rows,
-        )
-        return kwargs, layout
-
-    def adapt_installed_forward_kwargs(self, kwargs: dict) -> dict:
-        """A forward installed by a trainer (TRL's fused LM head) sees the batch already re-laid for all scales, with
-        uniform loss weights, since it may compute the loss itself."""
-        kwargs, _ = self._relay_training_kwargs(kwargs, weighted=False)
-        return kwargs
-
     # ---- forward / loss ---------------------------------------------------------------------------------------
 
     def forward(
@@ -442,15 +320,16 @@ class MatryoshkaLlavaForConditionalGeneration(CommForConditionalGeneration):
         matryoshka_scale: int | None = None,
         matryoshka_image_scales: torch.LongTensor | None = None,
         matryoshka_image_index: torch.LongTensor | None = None,
-        matryoshka_rows: torch.LongTensor | None = None,
+        matryoshka_segment_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> MatryoshkaCausalLMOutputWithPast:
         """
         Args:
             labels (`torch.LongTensor` of shape `(B, T)`, *optional*): next-token targets (-100 = ignored). The batch
-                is then re-laid and the loss is the mean over `config.matryoshka_scales` of each scale's token-mean
-                loss (`matryoshka_scale=S`: the loss at S only; `random_scale` mode in training: one random scale
-                per sample). Image placeholders are never targets.
+                is then re-laid (`relay_training_inputs`, shared-prefix rows with loss weights) and the loss is the
+                mean over `config.matryoshka_scales` of each scale's token-mean loss (`matryoshka_scale=S`: the loss
+                at S only; `random_scale` mode in training: one random scale per sample). Image placeholders are never
+                targets. A batch the training collator already re-laid keeps its rows: the loss is their token mean.
             matryoshka_scale (`int`, *optional*): without labels, the scale the placeholders hold (checked); with
                 labels, the single scale to train.
 
@@ -468,32 +347,23 @@ class MatryoshkaLlavaForConditionalGeneration(CommForConditionalGeneration):
             matryoshka_scale=matryoshka_scale,
             matryoshka_image_scales=matryoshka_image_scales,
             matryoshka_image_index=matryoshka_image_index,
-            matryoshka_rows=matryoshka_rows,
+            matryoshka_segment_ids=matryoshka_segment_ids,
         )
-        call, layout = self._relay_training_kwargs(call, weighted=True)
+        call, scale_batch = relay_training_inputs(self.config, call, weighted=True, training=self.training)
         labels = call.pop("labels")
         kwargs.pop("num_items_in_batch", None)
-        outputs = self.model(**call, **kwargs)
-        hidden_states = outputs.last_hidden_state
-        if isinstance(logits_to_keep, int):
-            hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
-        else:
-            hidden_states = hidden_states[:, logits_to_keep]
-        logits = self.lm_head(hidden_states)
+        outputs = self.lm_head_outputs(self.model(**call, **kwargs), None, logits_to_keep)
         loss = None
         if labels is not None:
-            if logits.shape[1] != labels.shape[1]:
+            if outputs.logits.shape[1] != labels.shape[1]:
                 raise ValueError("`labels` need the logits of every position; leave logits_to_keep at 0.")
-            loss = weighted_next_token_loss(logits, labels, None if layout is None else layout.label_weights)
+            label_weights = None if scale_batch is None else scale_batch.label_weights
+            loss = weighted_next_token_loss(outputs.logits, labels, label_weights)
         return MatryoshkaCausalLMOutputWithPast(
+            **outputs,
             loss=loss,
-            logits=logits,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            image_hidden_states=outputs.image_hidden_states,
-            matryoshka_image_scales=None if layout is None else layout.image_scales,
-            matryoshka_row_source=None if layout is None else layout.row_source,
+            matryoshka_image_scales=None if scale_batch is None else scale_batch.image_scales,
+            matryoshka_row_source=None if scale_batch is None else scale_batch.row_source,
         )
 
     # ---- generation -------------------------------------------------------------------------------------------
@@ -550,7 +420,7 @@ class MatryoshkaLlavaForConditionalGeneration(CommForConditionalGeneration):
         if target == current:
             return super().generate(input_ids, *args, **kwargs)
         pad_id = self.config.text_config.pad_token_id
-        layout = build_layout(
+        prompts = build_scale_batch(
             input_ids,
             attention_mask,
             None,
@@ -558,14 +428,14 @@ class MatryoshkaLlavaForConditionalGeneration(CommForConditionalGeneration):
             [[row] for row in target],
             token_counts=[s for row in current for s in row],
             pad_token_id=0 if pad_id is None else pad_id,
-            layout="padded",
+            row_format="padded",
             padding_side="left",
         )
-        kwargs["attention_mask"] = layout.attention_mask
-        output = super().generate(layout.input_ids, *args, **kwargs)
+        kwargs["attention_mask"] = prompts.attention_mask
+        output = super().generate(prompts.input_ids, *args, **kwargs)
         sequences = output if isinstance(output, torch.Tensor) else output.sequences
         prompt = input_ids.repeat_interleave(sequences.shape[0] // input_ids.shape[0], dim=0)
-        sequences = torch.cat([prompt, sequences[:, layout.input_ids.shape[1] :]], dim=1)
+        sequences = torch.cat([prompt, sequences[:, prompts.input_ids.shape[1] :]], dim=1)
         if isinstance(output, torch.Tensor):
             return sequences
         output.sequences = sequences

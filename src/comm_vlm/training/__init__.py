@@ -1,5 +1,12 @@
 """Two-stage training on TRL's SFTTrainer and Accelerate (see `stages` for the contract, `recipes` for the YAML)."""
 
+from .collators import (
+    TRAINING_BATCH_PREPARATIONS,
+    TrainingBatchCollator,
+    prepare_combiner_batch,
+    prepare_matryoshka_batch,
+    training_collator,
+)
 from .data import (
     SkipReport,
     build_dataset,
@@ -17,9 +24,11 @@ from .trainer import CommSFTTrainer, build_trainer, default_sft_config, merge_lo
 __all__ = [
     "COMPONENTS",
     "STAGES",
+    "TRAINING_BATCH_PREPARATIONS",
     "CommSFTTrainer",
     "SkipReport",
     "Stage",
+    "TrainingBatchCollator",
     "apply_stage",
     "build_dataset",
     "build_trainer",
@@ -34,8 +43,11 @@ __all__ = [
     "mix_datasets",
     "optimizer_groups",
     "parse_overrides",
+    "prepare_combiner_batch",
+    "prepare_matryoshka_batch",
     "run_recipe",
     "save_atomically",
     "shikra_to_messages",
+    "training_collator",
     "validate_samples",
 ]

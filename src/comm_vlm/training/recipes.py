@@ -1,7 +1,7 @@
 """YAML recipes: a model source and a list of stages, run in order (stage k+1 starts from stage k's output).
 
 ```yaml
-model: {tiny: comm}                 # or {pretrained: path-or-repo-id} or {assemble: {vision, text, ...}}
+model: {pretrained: path-or-repo-id}   # or {assemble: {vision, text, ...}}, or a source of `register_model_source`
 stages:
   - stage: comm_pretrain            # a key of comm_vlm.training.stages.STAGES
     dataset: {path: data/stage1.json, format: llava, image_folder: data/images}
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
@@ -38,7 +39,7 @@ logger = logging.get_logger(__name__)
 
 
 def recipe_path(name_or_path: str) -> Path:
-    """A shipped recipe by name (`comm`, `tiny_comm`, ...) or a path to a YAML file."""
+    """A shipped recipe by name (`comm`, `llava`) or a path to a YAML file."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") and path.exists():
         return path
@@ -129,21 +130,37 @@ class StageResult:
     log_history: list[dict] = field(default_factory=list)
 
 
+def _pretrained(path: str, source: dict, run_dir: Path):
+    dtype = source.get("dtype", "float32")
+    return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype), AutoProcessor.from_pretrained(path)
+
+
+def _assembled(parts: dict, source: dict, run_dir: Path):
+    from ..assemble import assemble_comm
+
+    return assemble_comm(dtype=source.get("dtype", "float32"), **parts)
+
+
+# A recipe's `model:` has one key naming its source; its loader takes (that key's value, the whole `model:` mapping,
+# the run directory) and returns `(model, processor)`.
+MODEL_SOURCES: dict[str, Callable[[Any, dict, Path], tuple[Any, Any]]] = {
+    "pretrained": _pretrained,  # {pretrained: path-or-repo-id, dtype: ...}
+    "assemble": _assembled,  # {assemble: {vision: ..., secondary_vision: ..., text: ..., <CommConfig fields>}}
+}
+
+
+def register_model_source(name: str, loader: Callable[[Any, dict, Path], tuple[Any, Any]]) -> None:
+    """Adds a `model:` source to recipes (`comm_vlm.testing` adds `tiny`, a random tiny checkpoint)."""
+    MODEL_SOURCES[name] = loader
+
+
 def _load_model(source: dict, run_dir: Path):
-    if "assemble" in source:  # {assemble: {vision: ..., secondary_vision: ..., text: ..., <CommConfig fields>}}
-        from ..assemble import assemble_comm
-
-        return assemble_comm(dtype=source.get("dtype", "float32"), **source["assemble"])
-    if "tiny" in source:
-        from ..testing import build_tiny_checkpoint
-
-        path = run_dir / "init"
-        build_tiny_checkpoint(path, layout=source["tiny"], seed=source.get("seed", 0))
-        source = {"pretrained": str(path)}
-    path = source["pretrained"]
-    return AutoModelForImageTextToText.from_pretrained(path, dtype=source.get("dtype", "float32")), (
-        AutoProcessor.from_pretrained(path)
-    )
+    names = [name for name in source if name in MODEL_SOURCES]
+    if len(names) != 1:
+        raise ValueError(
+            f"A recipe's `model:` needs exactly one source among {sorted(MODEL_SOURCES)}, got keys {sorted(source)}."
+        )
+    return MODEL_SOURCES[names[0]](source[names[0]], source, run_dir)
 
 
 def run_recipe(recipe: dict, output_dir: str | os.PathLike, callbacks=None) -> list[StageResult]:

@@ -3,23 +3,28 @@
 `build_trainer` freezes what the stage does not train, optionally wraps the LLM with PEFT LoRA (the stage's other
 components saved in full through `modules_to_save`), and returns an `SFTTrainer` whose optimiser has one group per
 (learning rate, weight decay) pair. TRL's vision collator renders the chat template, expands image placeholders through
-our processor and masks everything but assistant tokens (`assistant_only_loss=True`).
+our processor and masks everything but assistant tokens (`assistant_only_loss=True`); the trainer wraps it in the
+family's `TrainingBatchCollator` (M3 re-lays every batch for all its scales; the adaptive combiner gets
+`combiner_labels`, which keep the answer out of its fused tokens), so the loss TRL computes outside the model is the
+family's objective.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
-from accelerate.utils import is_peft_model
 from datasets import Dataset
 from transformers import PreTrainedModel, ProcessorMixin
 from transformers.utils import logging
 from trl import SFTConfig, SFTTrainer
 
+from .collators import TrainingBatchCollator, training_collator
 from .stages import COMPONENTS, Stage, apply_stage, get_stage, optimizer_groups
 
 
@@ -27,22 +32,46 @@ logger = logging.get_logger(__name__)
 
 
 class CommSFTTrainer(SFTTrainer):
-    """`SFTTrainer` whose optimiser groups follow a `Stage` (e.g. M3's separate vision-tower learning rate).
+    """`SFTTrainer` whose optimiser groups follow a `Stage` (e.g. M3's separate vision-tower learning rate), and whose
+    collator prepares every batch for the family's objective (`TrainingBatchCollator`, wrapped around TRL's collator
+    or the one given).
 
     On a CPU it also scores only the answer tokens (`answer_token_loss`): TRL's fused LM head, built to avoid the full
     logits of large vocabularies on GPUs, runs there as torch ops over every position of the batch, prompt and image
-    tokens included. Same loss, gradients and logged metrics; a main-job loss step takes 0.82x as long
-    (`benchmarks/bench_train_step.py`), a step of `Trainer.train` 0.85x (`research/results/NOTES.md`, stop 22).
+    tokens included. Same loss, gradients and logged metrics; on a 2-thread CPU a main-job loss step (loss, backward,
+    AdamW) takes 0.82x as long as through TRL's head (`benchmarks/results_train_step.md`), and a whole `Trainer.train`
+    step over 150 stage-2 steps of COMM or the combiner 0.85x (two back-to-back runs each).
     """
 
     # The most logits (batch x sequence x vocabulary values) `answer_token_loss` materialises: 2**26, 256 MB in fp32
-    # (counted on the collated batch; M3's re-lay adds the rows of its smaller scales). Larger batches keep TRL's
-    # chunked head, which never holds them all (a 7B model's 32k vocabulary on a CPU).
+    # (counted on the prepared batch, which for M3 holds the rows of every scale). Larger batches keep TRL's chunked
+    # head, which never holds them all (a 7B model's 32k vocabulary on a CPU).
     max_cpu_logits: int = 2**26
 
     def __init__(self, *args, stage: Stage, **kwargs):
         self.stage = stage
         super().__init__(*args, **kwargs)
+        config = self.accelerator.unwrap_model(self.model).config
+        self.data_collator = training_collator(self.data_collator, config, self.args.device)
+
+    @contextlib.contextmanager
+    def _evaluation_collator(self):
+        """Evaluation batches of M3's `random_scale` mode average all scales, as the model's own loss does in eval."""
+        collator = self.data_collator
+        if isinstance(collator, TrainingBatchCollator):
+            self.data_collator = dataclasses.replace(collator, training=False)
+        try:
+            yield
+        finally:
+            self.data_collator = collator
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        with self._evaluation_collator():
+            return super().get_eval_dataloader(eval_dataset)
+
+    def get_test_dataloader(self, test_dataset):
+        with self._evaluation_collator():
+            return super().get_test_dataloader(test_dataset)
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
@@ -87,17 +116,12 @@ class CommSFTTrainer(SFTTrainer):
         count) and the metrics it logs (`entropy`, `mean_token_accuracy`, `num_tokens`), without its fused LM head.
 
         Args:
-            inputs (`dict`): a collated batch: `input_ids` `(batch, seq)`, `labels` `(batch, seq)` with -100 where no
-                loss is taken, and the model's other inputs (`attention_mask`, `pixel_values`, ...).
+            inputs (`dict`): a collated batch, prepared by the family's `TrainingBatchCollator`: `input_ids`
+                `(batch, seq)`, `labels` `(batch, seq)` with -100 where no loss is taken, and the model's other inputs
+                (`attention_mask`, `pixel_values`, ...).
         """
         mode = "train" if self.model.training else "eval"
-        # What TRL's fused forward sees: the family's own preparation of the batch (M3 re-lays it for all scales, the
-        # combiner takes the labels to keep answers out of its fused tokens), then the model without `labels`.
-        base = self.accelerator.unwrap_model(model)  # under DDP/FSDP the family's own model
-        base = base.get_base_model() if is_peft_model(base) else base
-        call = {**inputs, "use_cache": False}
-        if hasattr(base, "adapt_installed_forward_kwargs"):
-            call = base.adapt_installed_forward_kwargs(call)
+        call = {**inputs, "use_cache": False}  # what TRL's fused forward passes the model, less `labels`
         labels = call.pop("labels")[:, 1:]  # (batch, seq - 1): token t + 1 is predicted at position t
         logits = model(**call).logits[:, :-1]  # (batch, seq - 1, vocab)
         mask = labels != -100

@@ -10,13 +10,17 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoProcessor, pipeline
 
-from comm_vlm.cli import main, run_demo
+from comm_vlm.cli import main
+from comm_vlm.demo.plumbing import run_plumbing
 from comm_vlm.testing import build_tiny_checkpoint
 
 
+pytestmark = pytest.mark.demo  # the demo (`comm_vlm.demo`): run with `python -m pytest -m demo`
+
+
 @pytest.mark.parametrize("layout", ["comm", "llava"])
-def test_demo_round_trips_and_answers(tmp_path, layout):
-    result = run_demo(tmp_path / "demo", layout=layout)
+def test_plumbing_round_trips_and_answers(tmp_path, layout):
+    result = run_plumbing(tmp_path / "plumbing", layout=layout)
     assert result["reload_max_abs_logit_diff"] == 0.0
     assert "model.safetensors" in result["files"] and "processor_config.json" in result["files"]
     assert result["visual_tokens_per_image"] == 16
@@ -44,7 +48,7 @@ def test_pipeline_generates_like_model_generate(tmp_path):
 def test_main_job_quick_runs_every_family_end_to_end(tmp_path, capsys):
     import json
 
-    from comm_vlm.demo.main_job import FAMILIES, MainJobConfig
+    from comm_vlm.demo.main_job import FAMILY_PLANS, MainJobConfig
 
     assert main(["demo", "--quick", "--output-dir", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
@@ -55,9 +59,9 @@ def test_main_job_quick_runs_every_family_end_to_end(tmp_path, capsys):
     assert all(part > 0 for part in parts) and sum(parts) <= results["seconds"]
     assert f"{results['encoder_warmup_seconds']} s\n" in printed
     shared = load_file(tmp_path / "encoders" / "model.safetensors")
-    assert list(results["models"]) == list(FAMILIES)
+    assert list(results["models"]) == list(FAMILY_PLANS)
     for family, result in results["models"].items():
-        assert [s["stage"] for s in result["stages"]] == list(FAMILIES[family]["stages"])
+        assert [s["stage"] for s in result["stages"]] == list(FAMILY_PLANS[family]["stages"])
         assert (Path(result["final_dir"]) / "model.safetensors").exists()
         assert {"rec", "reg", "pope", "vqa", "caption"} <= set(result["eval"])
         # Every family reads COMM's branch and starts from the one warmed-up CLIP and DINOv2, as from one checkpoint.
@@ -71,7 +75,7 @@ def test_main_job_quick_runs_every_family_end_to_end(tmp_path, capsys):
         assert template([{"role": "user", "content": "Hi"}], add_generation_prompt=True) == "<s>USER: Hi ASSISTANT:"
         assert result["served"]["image_first"] is not MainJobConfig.quick().image_after_question
     assert Path(results["models"]["matryoshka_llava"]["plot"]).exists()
-    assert printed.count("  served (question first) 'Please provide the bounding box coordinate") == len(FAMILIES)
+    assert printed.count("  served (question first) 'Please provide the bounding box coordinate") == len(FAMILY_PLANS)
     table = (tmp_path / "results.md").read_text()
     assert table.strip() in printed
     assert "| task | metric (x100) | comm | matryoshka_llava | adaptive_combiner | baseline |" in table
@@ -79,6 +83,7 @@ def test_main_job_quick_runs_every_family_end_to_end(tmp_path, capsys):
     assert "| vqa (attribute) | VQA acc vs per-type majority |" in table
     assert "| pope | Acc vs text-only prior |" in table
     assert "Held-out scenes: 6; VQA on 12 (those and 6 more)." in table
+    assert "| model | bar | score | bar value | met |" in table and len(results["bars"]) == 8
     assert (tmp_path / "results.json").exists()
 
 
@@ -200,23 +205,58 @@ def test_for_run_is_the_cli_s_config():
         MainJobConfig.for_run(quick=True, long=True)
 
 
-def test_long_job_gives_the_combiner_the_rec_weighted_stage_2(tmp_path):
-    """`MainJobConfig.long()` changes only the combiner: 32 latents, 2400 stage-2 steps on the job's mixture, REC
-    included."""
-    from comm_vlm.demo.main_job import MainJobConfig, family_plan, family_recipe
+def test_long_job_is_the_longer_schedule_of_the_same_job(tmp_path):
+    """`MainJobConfig.long()` changes only the number of steps: every family trains longer on the same data, with the
+    same plans, rates and sizes."""
+    from comm_vlm.demo.main_job import MainJobConfig, family_recipe
 
     default, long = MainJobConfig(), MainJobConfig.long()
+    assert replace(long, family_stage_steps=default.family_stage_steps) == default
+    assert sum(map(sum, long.family_stage_steps.values())) > sum(map(sum, default.family_stage_steps.values()))
     paths = {group: tmp_path / f"train_{group}.jsonl" for group in ("all", "short", "rec")}
-    stages = family_recipe("adaptive_combiner", long, tmp_path / "init", paths)["stages"]
-    assert [s["args"]["max_steps"] for s in stages] == [default.family_stage_steps["adaptive_combiner"][0], 2400]
-    weights = {Path(m["path"]).stem: m["weight"] for m in stages[1]["dataset"]["mixture"]}
-    assert weights == {"train_all": 1.0, "train_short": long.short_answer_weight, "train_rec": long.rec_weight}
-    assert [s["learning_rates"] for s in stages] == [{"combiner": pytest.approx(0.2 * long.learning_rate)}] * 2
-    plan, default_plan = family_plan("adaptive_combiner", long), family_plan("adaptive_combiner", default)
-    assert plan["overrides"] == {**default_plan["overrides"], "combiner_num_latents": 32}
-    for family in ("comm", "matryoshka_llava"):
-        assert family_recipe(family, long, "init", paths) == family_recipe(family, default, "init", paths)
-    assert default.family_plans == {} and MainJobConfig().family_plans == {}  # `long()` shares nothing with defaults
+    for family, steps in default.family_stage_steps.items():
+        assert len(long.family_stage_steps[family]) == len(steps)
+        assert all(more >= fewer for more, fewer in zip(long.family_stage_steps[family], steps))
+        long_recipe, default_recipe = (family_recipe(family, c, "init", paths) for c in (long, default))
+        for stage in (*long_recipe["stages"], *default_recipe["stages"]):
+            stage["args"].pop("max_steps")
+        assert long_recipe == default_recipe
+
+
+def evaluation(rec, rec_chance, pope, attribute, attribute_prior):
+    """The part of an evaluation the bars read (fractions)."""
+    return {
+        "rec": {"metrics": {"accuracy": rec}, "baseline": {"accuracy": rec_chance}},
+        "pope": {"metrics": {"accuracy": pope}, "baseline": {"accuracy": 0.5}},
+        "vqa": {
+            "metrics": {"per_question_group": {"attribute": attribute}},
+            "baseline": {"per_question_group_prior": {"attribute": attribute_prior}},
+        },
+    }
+
+
+def test_bars_are_checked_per_family_and_reported_in_the_table():
+    from comm_vlm.demo.main_job import bars_table, check_bars
+
+    results = {
+        "models": {
+            "comm": {"eval": evaluation(0.146, 0.026, 0.86, 0.791, 0.344)},
+            "matryoshka_llava": {"eval": evaluation(0.07, 0.026, 0.858, 0.70, 0.344)},
+            "adaptive_combiner": {"eval": evaluation(0.0, 0.026, 0.74, 0.711, 0.344)},
+        }
+    }
+    checks = {(c["family"], c["bar"]): c for c in check_bars(results)}
+    assert set(checks) == {
+        (family, bar)
+        for family in ("comm", "matryoshka_llava")
+        for bar in ("REC acc@0.5 >= 3x chance", "POPE acc >= 75", "attribute VQA >= 2x per-type majority")
+    } | {("adaptive_combiner", "POPE acc >= 75"), ("adaptive_combiner", "attribute VQA >= 2x per-type majority")}
+    assert checks[("comm", "REC acc@0.5 >= 3x chance")]["threshold"] == pytest.approx(0.078)
+    assert [c["met"] for c in check_bars(results)] == [True, True, True, False, True, True, False, True]
+    table = bars_table(check_bars(results))
+    assert "| matryoshka_llava | REC acc@0.5 >= 3x chance | 7.0 | 7.8 | **no** |" in table
+    assert "| adaptive_combiner | POPE acc >= 75 | 74.0 | 75.0 | **no** |" in table
+    assert "| comm | attribute VQA >= 2x per-type majority | 79.1 | 68.8 | yes |" in table
 
 
 def test_family_recipes_carry_their_learning_rates_and_mixtures(tmp_path):

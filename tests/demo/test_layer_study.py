@@ -22,6 +22,9 @@ from comm_vlm.demo.layer_study import (
 )
 
 
+pytestmark = pytest.mark.demo  # the demo (`comm_vlm.demo`): run with `python -m pytest -m demo`
+
+
 @pytest.fixture(scope="module")
 def quick_study(tmp_path_factory):
     """The CI-sized study, run once through the CLI: (output dir, results JSON, printed text)."""

@@ -1,11 +1,14 @@
-"""The offline encoder warm-up (stand-in for pretrained CLIP/DINOv2) and the tiny tokenizer's digit splitting."""
+"""The offline encoder warm-up (the demo's stand-in for pretrained CLIP/DINOv2)."""
 
 import pytest
 import torch
 
 from comm_vlm.demo.encoder_warmup import patch_labels, warm_up_encoders
 from comm_vlm.demo.synthetic import COLOURS, SHAPES, generate_scenes
-from comm_vlm.testing import build_tiny_checkpoint, build_tiny_tokenizer, tiny_vision_config
+from comm_vlm.testing import build_tiny_checkpoint, tiny_vision_config
+
+
+pytestmark = pytest.mark.demo  # the demo (`comm_vlm.demo`): run with `python -m pytest -m demo`
 
 
 def test_patch_labels_name_the_object_under_each_patch_and_its_box():
@@ -49,30 +52,3 @@ def test_warm_up_trains_only_the_encoders_and_reports_object_accuracy(tmp_path, 
     towers = [n for n in before if "vision_tower.encoder.layers.0.mlp" in n or "vision_tower.encoder.layer.0.mlp" in n]
     assert towers and all(not torch.equal(before[n], model.state_dict()[n]) for n in towers)
     assert not any(p.training for p in model.model.vision_towers)
-
-
-def test_tiny_tokenizer_splits_every_digit():
-    tokenizer = build_tiny_tokenizer(512)
-    box = "[0.123,0.456,0.789,0.912]"
-    tokens = tokenizer.convert_ids_to_tokens(tokenizer(box, add_special_tokens=False).input_ids)
-    assert tokens == list(box)  # each digit, dot, comma and bracket is its own token
-    assert tokenizer.decode(tokenizer(box, add_special_tokens=False).input_ids) == box
-    assert len(tokenizer(" 2024 circles", add_special_tokens=False).input_ids) >= 4
-
-
-@pytest.mark.parametrize("answer", ["2", "purple", "yes", "[0.123,0.456,0.5,0.75]", "Two circles."])
-def test_assistant_mask_covers_everything_the_model_generates(answer):
-    """Prompt (with the generation prompt) + assistant-masked tokens = the whole conversation: every token generated
-    after "ASSISTANT:" is supervised, including the bare " " that a digit answer starts with (" 2" -> " ", "2")."""
-    tokenizer = build_tiny_tokenizer(512)
-    user = {"role": "user", "content": [{"type": "text", "text": "How many circles are there?"}]}
-    full = tokenizer.apply_chat_template(
-        [user, {"role": "assistant", "content": [{"type": "text", "text": answer}]}],
-        tokenize=True,
-        return_dict=True,
-        return_assistant_tokens_mask=True,
-    )
-    prompt = tokenizer.apply_chat_template([user], add_generation_prompt=True, tokenize=True, return_dict=True)
-    supervised = [i for i, keep in zip(full["input_ids"], full["assistant_masks"]) if keep]
-    assert prompt["input_ids"] + supervised == full["input_ids"]
-    assert tokenizer.decode(supervised) == f" {answer}{tokenizer.eos_token}"

@@ -20,6 +20,9 @@ from comm_vlm.demo.synthetic import (
 from comm_vlm.models.image_utils import format_box, parse_boxes
 
 
+pytestmark = pytest.mark.demo  # the demo (`comm_vlm.demo`): run with `python -m pytest -m demo`
+
+
 @pytest.fixture(scope="module")
 def scenes_and_rows():
     scenes = generate_scenes(40, seed=5, split="test")
