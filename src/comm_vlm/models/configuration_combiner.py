@@ -19,10 +19,9 @@ residual stream t_N + F_1 + ... + F_T, "spatial" = adaptive average pooling of t
 "none" = the visual tokens unpooled (beyond the paper; the fused output is still N tokens).
 """
 
-from transformers import PretrainedConfig
 from transformers.utils import logging
 
-from .configuration_comm import CommConfig
+from .configuration_comm import LlavaBranchConfig
 
 
 logger = logging.get_logger(__name__)
@@ -31,7 +30,7 @@ RESAMPLINGS = ("latent", "spatial", "none")
 COMBINATIONS = ("weighted", "residual", "none")
 
 
-class AdaptiveCombinerConfig(CommConfig):
+class AdaptiveCombinerConfig(LlavaBranchConfig):
     r"""
     Configuration of [`AdaptiveCombinerForConditionalGeneration`]: a [`CommConfig`] vision branch (defaults:
     LLaVA-1.5's single CLIP ViT-L/14-336, penultimate layer, 2-layer MLP projector) followed by the adaptive combiner.
@@ -83,13 +82,6 @@ class AdaptiveCombinerConfig(CommConfig):
     """
 
     model_type = "adaptive_combiner"
-
-    # LLaVA-1.5 vision branch by default (see the module docstring for why).
-    secondary_vision_config: dict | PretrainedConfig | None = None
-    vision_feature_layer: int | list[int] = -2
-    vision_feature_merge: str = "single"
-    vision_aligner: str = "identity"
-    projector_depth: int = 2
 
     combiner_num_latents: int = 64
     combiner_iterations: int = 4

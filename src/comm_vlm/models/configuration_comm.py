@@ -276,4 +276,15 @@ def _check_positive_int(name: str, value) -> None:
         raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
 
 
-__all__ = ["CommConfig", "MERGE_STRATEGIES", "ALIGNERS"]
+class LlavaBranchConfig(CommConfig):
+    """A `CommConfig` whose defaults are LLaVA-1.5's vision branch (CLIP's penultimate layer, no second encoder, the
+    2-layer MLP projector): the base of the families that start from a LLaVA-1.5 checkpoint (M3, the combiner)."""
+
+    secondary_vision_config: dict | PretrainedConfig | None = None
+    vision_feature_layer: int | list[int] = -2
+    vision_feature_merge: str = "single"
+    vision_aligner: str = "identity"
+    projector_depth: int = 2
+
+
+__all__ = ["CommConfig", "LlavaBranchConfig", "MERGE_STRATEGIES", "ALIGNERS"]

@@ -23,10 +23,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from transformers import PretrainedConfig
 from transformers.utils import logging
 
-from .configuration_comm import CommConfig, patch_grid
+from .configuration_comm import LlavaBranchConfig, patch_grid
 
 
 logger = logging.get_logger(__name__)
@@ -106,7 +105,7 @@ def choose_image_scales(num_images: int, budget: int, scales: Sequence[int], str
     return chosen
 
 
-class MatryoshkaLlavaConfig(CommConfig):
+class MatryoshkaLlavaConfig(LlavaBranchConfig):
     r"""
     Configuration of [`MatryoshkaLlavaForConditionalGeneration`]: any COMM-family visual branch (see [`CommConfig`])
     with Matryoshka nested visual tokens. The defaults are LLaVA-1.5-M3: CLIP ViT-L/14-336 penultimate layer,
@@ -144,11 +143,6 @@ class MatryoshkaLlavaConfig(CommConfig):
 
     model_type = "matryoshka_llava"
 
-    secondary_vision_config: dict | PretrainedConfig | None = None
-    vision_feature_layer: int | list[int] = -2
-    vision_feature_merge: str = "single"
-    vision_aligner: str = "identity"
-    projector_depth: int = 2
     matryoshka_scales: list[int] | None = None
     matryoshka_default_scale: int | None = None
     matryoshka_token_selection: str = "avg_pool"

@@ -318,20 +318,20 @@ class AdaptiveCombinerForConditionalGeneration(AdaptiveCombinerPreTrainedModel, 
 
         See [`AdaptiveCombinerModel.forward`] for the other arguments.
         """
-        outputs = self.model(
-            input_ids=input_ids,
-            pixel_values=pixel_values,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            mm_encoder_outputs=mm_encoder_outputs,
-            labels=labels,
+        return super().forward(
+            input_ids,
+            pixel_values,
+            attention_mask,
+            position_ids,
+            past_key_values,
+            inputs_embeds,
+            labels,
+            logits_to_keep,
+            mm_encoder_outputs,
             prompt_length=prompt_length,
-            combiner_labels=combiner_labels,
+            combiner_labels=labels if combiner_labels is None else combiner_labels,
             **kwargs,
         )
-        return self.lm_head_outputs(outputs, labels, logits_to_keep, **kwargs)
 
 
 __all__ = [
