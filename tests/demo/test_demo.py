@@ -276,3 +276,7 @@ def test_family_recipes_carry_their_learning_rates_and_mixtures(tmp_path):
     assert weights == {"train_all": 1.0, "train_short": config.short_answer_weight}
     weights = {Path(m["path"]).stem: m["weight"] for m in comm[1]["dataset"]["mixture"]}
     assert weights == {"train_all": 1.0, "train_short": config.short_answer_weight, "train_rec": 3.0}
+    # M3 fine-tunes the trained COMM at 0.3x the job's rate, COMM and the combiner's LLM at the job's rate.
+    m3 = family_recipe("matryoshka_llava", config, tmp_path / "init", paths)["stages"]
+    assert [s["args"]["learning_rate"] for s in m3] == [pytest.approx(1.5e-4)]
+    assert {s["args"]["learning_rate"] for s in comm + combiner} == {5e-4}
