@@ -259,7 +259,7 @@ class MainJobConfig:
     def long(cls) -> MainJobConfig:
         """The longer schedule: COMM 500 + 2600 steps and M3 200 (the default's other steps as they are), about 1.4x
         the default's work. Its margins over the demo's bars are wider: at seeds 0-3 COMM's REC was 1.8-4.1x its bar
-        and M3's 1.2-4.0x (`research/results/main_job_seeds.md`)."""
+        and M3's 1.2-4.0x, M3 then at the job's full rate (`research/results/main_job_seeds.md`)."""
         steps = cls().family_stage_steps
         return cls(family_stage_steps={**steps, "comm": (500, 2600), "matryoshka_llava": (200,)})
 
