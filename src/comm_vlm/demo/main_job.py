@@ -61,10 +61,10 @@ FAMILY_PLANS: dict[str, dict[str, Any]] = {
     "comm": {"layout": "comm", "stages": ("comm_pretrain", "comm_instruct"), "overrides": {}},
     # M3 as in the paper: its Matryoshka fine-tuning starts from a trained LMM (LLaVA-1.5 there; the trained COMM here,
     # the LMM this job has), so it needs one stage of its own. It runs at 0.3x the job's learning rate (our choice;
-    # the paper fine-tunes at the LMM's own instruction-tuning rate): its 120 steps restart from the trained COMM,
-    # and at the full rate they cost the full scale most of the REC they do not relearn. At seed 0, from the same COMM
-    # (REC 9.2), 120 steps at 1x left REC 5.4 and at 0.3x 9.2 (POPE 82.8 / 82.0, attribute VQA 69.8 / 74.9); over
-    # seeds 0-3 the lower rate costs the smaller scales some accuracy (`research/m3_learning_rate.py`).
+    # the paper fine-tunes at the LMM's own instruction-tuning rate): its short stage restarts from the trained COMM,
+    # and at the full rate it costs the full scale REC it does not relearn. At seed 0, from the same COMM (REC 9.2),
+    # 200 steps at 1x / 0.3x gave the full scale REC 8.4 / 9.2, POPE 85.5 / 84.5, attribute VQA 73.9 / 75.9, and the
+    # 16-token scale POPE 59.0 / 57.2, VQA 49.2 / 49.5; 120 steps at 1x left REC 5.4, at 0.3x POPE 47.5 at 16 tokens.
     "matryoshka_llava": {
         "layout": "comm",
         "init_from": "comm",
@@ -165,7 +165,7 @@ class MainJobConfig:
     # about half that with the question first (`research/rec_binding.py`); REC stays at chance before that. M3
     # fine-tunes the trained COMM; its all-scale steps cost about 2.5x a single-scale step.
     family_stage_steps: dict[str, tuple[int, ...]] = field(
-        default_factory=lambda: {"comm": (400, 1700), "matryoshka_llava": (120,), "adaptive_combiner": (1200, 300)}
+        default_factory=lambda: {"comm": (400, 1700), "matryoshka_llava": (200,), "adaptive_combiner": (1200, 300)}
     )
     batch_size: int = 16
     learning_rate: float = 1e-3
@@ -257,11 +257,11 @@ class MainJobConfig:
 
     @classmethod
     def long(cls) -> MainJobConfig:
-        """The longer schedule: COMM 500 + 2600 steps and M3 200 (the default's other steps as they are), about 1.4x
-        the default's work. Its margins over the demo's bars are wider: at seeds 0-3 COMM's REC was 1.8-4.1x its bar
+        """The longer schedule: COMM 500 + 2600 steps (the other steps as in the default), about 1.4x the default's
+        work. Its margins over the demo's bars are wider: at seeds 0-3 COMM's REC was 1.8-4.1x its bar
         and M3's 1.2-4.0x, M3 then at the job's full rate (`research/results/main_job_seeds.md`)."""
         steps = cls().family_stage_steps
-        return cls(family_stage_steps={**steps, "comm": (500, 2600), "matryoshka_llava": (200,)})
+        return cls(family_stage_steps={**steps, "comm": (500, 2600)})
 
 
 def family_plan(family: str, config: MainJobConfig) -> dict[str, Any]:
