@@ -400,10 +400,10 @@ def test_shipped_recipe_is_valid(name, tmp_path):
         args = {k: v for k, v in stage["args"].items() if k != "resume"}
         config = default_sft_config(tmp_path, **args)  # every key must be a real SFTConfig field
         assert {k for k in args} <= set(type(config).__dataclass_fields__)
-    assert set(recipe["model"]) & {"pretrained", "assemble"}
+    assert set(recipe["model"]) & {"pretrained", "assemble", "convert"}
 
 
-@pytest.mark.parametrize("name", ["tiny_comm", "tiny_llava"])
+@pytest.mark.parametrize("name", ["tiny_comm", "tiny_llava", "tiny_m3", "tiny_combiner"])
 def test_tiny_recipe_runs(name, tmp_path):
     results = run_recipe(
         load_recipe(str(Path(__file__).parent / "recipes" / f"{name}.yaml"), {"max_steps": 1}), tmp_path

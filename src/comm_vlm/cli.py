@@ -4,7 +4,8 @@
     comm-vlm layer-study [--output-dir DIR] [--quick] [--variants NAME ...] [--encoder-layers L] [--stage-steps N N]
     comm-vlm plumbing [--output-dir DIR] [--layout comm|llava] [--seed N]
     comm-vlm train --recipe NAME_OR_YAML [--output-dir DIR] [key=value ...]
-    comm-vlm convert --from {llava-hf,llava-original} SRC DST [--to comm|matryoshka_llava] [--vision-tower P] ...
+    comm-vlm assemble OUT --vision ID --text ID [--secondary-vision ID] [--family F] [--set KEY=VALUE ...] ...
+    comm-vlm convert --from {llava-hf,llava-original,comm-vlm} SRC DST [--to FAMILY] [--vision-tower P] ...
     comm-vlm push SRC REPO_ID [--card CARD.json] [--recipe NAME] [--max-shard-size 5GB] [--local-dir DIR] ...
 
 `demo` runs the main job (`comm_vlm.demo.main_job`): tiny COMM, Matryoshka-LLaVA and adaptive-combiner models trained
@@ -14,9 +15,10 @@ REC and POPE. `plumbing` saves, reloads and serves a random tiny COMM in seconds
 
 `train` runs a YAML recipe's stages on TRL's SFTTrainer (`comm_vlm.training.recipes`); `key=value` overrides apply to
 every stage's SFTConfig (e.g. `max_steps=3 resume=true`). Under `accelerate launch -m comm_vlm.cli train ...` it runs
-on every process (configs in `comm_vlm/accelerate_configs/`). `convert` turns a LLaVA-1.5 checkpoint into a `comm` or
-`matryoshka_llava` one (`comm_vlm.convert`); `push` uploads a saved checkpoint with remote code and a model card, or
-writes that repo to `--local-dir` (`comm_vlm.hub`).
+on every process (configs in `comm_vlm/accelerate_configs/`). `assemble` builds any family from published encoders and
+an LLM (`comm_vlm.assemble`); `convert` turns a LLaVA-1.5 checkpoint into a `comm` or `matryoshka_llava` one
+(`comm_vlm.convert`), or derives M3 or the combiner from a checkpoint of this package (`comm_vlm.derive`); `push`
+uploads a saved checkpoint with remote code and a model card, or writes that repo to `--local-dir` (`comm_vlm.hub`).
 
 Bad input (a `ValueError` or `OSError`, e.g. a missing directory or an unknown recipe) prints one line,
 `comm-vlm COMMAND: error: ...`, and exits with status 2. Everything heavy is imported inside the commands, so `--help`
@@ -26,7 +28,10 @@ answers at once.
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -102,18 +107,53 @@ def build_parser() -> argparse.ArgumentParser:
         "overrides", nargs="*", metavar="KEY=VALUE", help="SFTConfig overrides for every stage (default: none)"
     )
 
-    convert = add_command("convert", "convert a LLaVA-1.5 checkpoint to comm / matryoshka_llava")
+    assemble = add_command("assemble", "build a model of any family from published encoders and an LLM, and save it")
+    assemble.add_argument("output", help="output directory (must not exist or be empty, unless --overwrite)")
+    assemble.add_argument("--vision", required=True, help="primary encoder: repo id or directory (CLIP, SigLIP, ...)")
+    assemble.add_argument("--text", required=True, help="causal LM: repo id or directory (its tokenizer is used)")
+    assemble.add_argument(
+        "--secondary-vision", help="second encoder, e.g. facebook/dinov2-large, run at the primary's grid"
+    )
+    assemble.add_argument(
+        "--family",
+        choices=["comm", "matryoshka_llava", "adaptive_combiner"],
+        default="comm",
+        help="model family (M3 and the combiner default to LLaVA-1.5's vision branch)",
+    )
+    assemble.add_argument(
+        "--set",
+        dest="fields",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config fields, e.g. projector_depth=2",
+    )
+    assemble.add_argument("--dtype", default="float32", help="weight dtype, e.g. bfloat16 for a 7B model")
+    assemble.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard")
+    assemble.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+
+    convert = add_command(
+        "convert", "convert a LLaVA-1.5 checkpoint to comm / matryoshka_llava, or derive one family from another"
+    )
     convert.add_argument(
         "--from",
         dest="source_layout",
         required=True,
-        choices=["llava-hf", "llava-original"],
-        help="layout of the source: transformers' llava-hf, or the LLaVA / M3 training code's",
+        choices=["llava-hf", "llava-original", "comm-vlm"],
+        help="layout of the source: transformers' llava-hf, the LLaVA / M3 training code's, or this package's "
+        "(derive M3 or the combiner from a trained model)",
     )
     convert.add_argument("source", help="source checkpoint directory (safetensors)")
     convert.add_argument("output", help="output directory (must not exist or be empty, unless --overwrite)")
     convert.add_argument(
-        "--to", dest="target", choices=["comm", "matryoshka_llava"], default="comm", help="family of the output"
+        "--to",
+        dest="target",
+        choices=["comm", "matryoshka_llava", "adaptive_combiner"],
+        default="comm",
+        help="family of the output (adaptive_combiner: --from comm-vlm only)",
+    )
+    convert.add_argument(
+        "--set", dest="fields", nargs="+", default=[], metavar="KEY=VALUE", help="comm-vlm: target config fields"
     )
     convert.add_argument(
         "--vision-tower",
@@ -259,8 +299,43 @@ def _convert(args: argparse.Namespace) -> int:
         base_model=args.base_model,
         overwrite=args.overwrite,
         max_shard_size=args.max_shard_size,
+        config_fields=_fields(args.fields),
     )
     sys.stdout.write(f"wrote {args.output}: {', '.join(files)}\n")
+    return 0
+
+
+def _fields(items: list[str]) -> dict[str, Any]:
+    """`--set KEY=VALUE` pairs, values read as YAML (`projector_depth=2`, `vision_feature_layer=[12,16]`)."""
+    from .training.recipes import parse_overrides
+
+    return parse_overrides(items)
+
+
+def _assemble(args: argparse.Namespace) -> int:
+    output = Path(args.output)
+    if output.exists() and any(output.iterdir()) and not args.overwrite:
+        raise ValueError(f"{output} exists and is not empty; pass --overwrite or another directory.")
+    from .assemble import assemble_comm
+    from .hub import ModelCardInfo, save_for_hub
+
+    parts = {"vision": args.vision, "secondary_vision": args.secondary_vision, "text": args.text}
+    model, processor = assemble_comm(family=args.family, dtype=args.dtype, **parts, **_fields(args.fields))
+    published = [str(p) for p in parts.values() if p is not None and not Path(p).exists()]
+    card = ModelCardInfo(
+        base_model=published,
+        notes=[
+            "Assembled with `comm-vlm assemble` from "
+            + ", ".join(f"{k}: `{v}`" for k, v in parts.items() if v is not None)
+            + "; the connector and projector are freshly initialised: train stage 1 before use."
+        ],
+    )
+    with tempfile.TemporaryDirectory(prefix=f".{output.name}.assembling-", dir=output.parent) as tmp:
+        files = save_for_hub(model, Path(tmp) / "out", processor, card, max_shard_size=args.max_shard_size)
+        if output.exists():
+            shutil.rmtree(output)
+        os.replace(Path(tmp) / "out", output)
+    sys.stdout.write(f"wrote {output}: {', '.join(files)}\n")
     return 0
 
 
@@ -308,6 +383,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "layer-study": _layer_study,
     "plumbing": _plumbing,
     "train": _train,
+    "assemble": _assemble,
     "convert": _convert,
     "push": _push,
 }

@@ -2,6 +2,7 @@
 
     comm-vlm convert --from llava-hf SRC DST [--to comm|matryoshka_llava]
     comm-vlm convert --from llava-original SRC DST [--to matryoshka_llava] [--vision-tower PATH_OR_REPO]
+    comm-vlm convert --from comm-vlm SRC DST --to matryoshka_llava|adaptive_combiner|comm   (`comm_vlm.derive`)
 
 Source layouts:
 
@@ -16,7 +17,9 @@ Source layouts:
   Without tower weights they are read from `mm_vision_tower` (a local directory, or a Hub id in the cache).
   The tokenizer has no image token: `<image>` is added (its embedding row is the mean of the others).
 
-No COMM checkpoint was ever published, so nothing converts *from* COMM. Weights are read with safetensors only
+No COMM checkpoint was ever published, so nothing converts from another COMM layout; `--from comm-vlm` derives one
+family from a checkpoint of this package (M3 from a trained COMM or LLaVA-layout model, the combiner on a COMM branch:
+`comm_vlm.derive`). Weights are read with safetensors only
 (never pickle). A malformed source (missing keys, unexpected keys, wrong shapes) raises a `ValueError` listing them
 before anything is written; the output is assembled in a temporary directory and renamed into place.
 """
@@ -46,7 +49,7 @@ from .models.processing_comm import CommProcessor
 
 logger = logging.get_logger(__name__)
 
-SOURCE_LAYOUTS = ("llava-hf", "llava-original")
+SOURCE_LAYOUTS = ("llava-hf", "llava-original", "comm-vlm")
 TARGETS = ("comm", "matryoshka_llava")
 IMAGE_TOKEN = "<image>"
 # Buffers older checkpoints saved that current models recompute (LLaVA-1.5 was trained with transformers 4.31).
@@ -361,8 +364,10 @@ def convert_checkpoint(
     base_model: str | None = None,
     overwrite: bool = False,
     max_shard_size: int | str = "5GB",
+    config_fields: dict[str, Any] | None = None,
 ) -> list[str]:
-    """Converts a LLaVA-1.5 checkpoint to a `target` checkpoint with processor, remote code and model card.
+    """Converts a LLaVA-1.5 checkpoint to a `target` checkpoint with processor, remote code and model card; with
+    `source_layout="comm-vlm"`, derives `target` from a checkpoint of this package (`comm_vlm.derive`).
 
     Args:
         source_dir (`str` or `os.PathLike`): the source checkpoint directory (safetensors).
@@ -375,6 +380,7 @@ def convert_checkpoint(
         base_model (`str`, *optional*): Hub id of the source, recorded in the model card.
         overwrite (`bool`): replace a non-empty `output_dir` (only once the conversion succeeded).
         max_shard_size (`int` or `str`): largest safetensors shard.
+        config_fields (`dict`, *optional*): `comm-vlm` only: fields of the target config (e.g. `combiner_num_latents`).
 
     Returns:
         `list[str]`: the files written, relative to `output_dir`.
@@ -386,9 +392,22 @@ def convert_checkpoint(
     source, output = Path(source_dir), Path(output_dir)
     if source_layout not in SOURCE_LAYOUTS:
         raise ValueError(f"Unknown source layout {source_layout!r}; use one of {SOURCE_LAYOUTS}.")
+    if source_layout == "comm-vlm":
+        from .derive import derive_checkpoint
+
+        fields = dict(config_fields or {})
+        if matryoshka_scales is not None:
+            fields["matryoshka_scales"] = list(matryoshka_scales)
+        return derive_checkpoint(
+            source, output, target, base_model=base_model, overwrite=overwrite, max_shard_size=max_shard_size, **fields
+        )
+    if config_fields:
+        raise ValueError("config_fields (--set) applies only to --from comm-vlm; LLaVA conversions keep LLaVA's.")
     if target not in TARGETS:
         raise ValueError(
-            f"Unknown target {target!r}; use one of {TARGETS} (COMM was never published to convert from)."
+            f"Unknown target {target!r} for a {source_layout} source; use one of {TARGETS}. For the adaptive "
+            "combiner, convert to comm first, then derive: `comm-vlm convert --from comm-vlm SRC DST --to "
+            "adaptive_combiner`."
         )
     if matryoshka_scales is not None and target != "matryoshka_llava":
         raise ValueError("matryoshka_scales (--matryoshka-scales) applies only to target 'matryoshka_llava'.")

@@ -218,19 +218,29 @@ def build_tiny_checkpoint(
     return model, processor
 
 
-def _tiny_model_source(layout: str, source: dict, run_dir):
-    """The recipes' `model: {tiny: comm|llava}`: a random tiny checkpoint built under the run directory."""
+# The vision branch each family's tiny recipe starts from: COMM's own, else LLaVA-1.5's (M3 and the combiner start
+# from a LLaVA-1.5 checkpoint).
+TINY_FAMILY_LAYOUTS = {"comm": "comm", "matryoshka_llava": "llava", "adaptive_combiner": "llava"}
+
+
+def _tiny_model_source(name: str, source: dict, run_dir):
+    """The recipes' `model: {tiny: NAME}`: a random tiny checkpoint built under the run directory. `NAME` is a layout
+    (`comm`, `llava`: a `comm`-family model) or a family (`matryoshka_llava`, `adaptive_combiner`, on its layout);
+    `family:` and `layout:` keys next to it choose both explicitly, other keys are config fields."""
     from pathlib import Path
 
     from .training.recipes import MODEL_SOURCES
 
+    fields = {k: v for k, v in source.items() if k not in ("tiny", "family", "layout", "seed", "dtype")}
+    family = source.get("family") or (name if name in TINY_FAMILY_LAYOUTS else "comm")
+    layout = source.get("layout") or (TINY_FAMILY_LAYOUTS[name] if name in TINY_FAMILY_LAYOUTS else name)
     path = Path(run_dir) / "init"
-    build_tiny_checkpoint(path, layout=layout, seed=source.get("seed", 0))
+    build_tiny_checkpoint(path, layout=layout, seed=source.get("seed", 0), family=family, **fields)
     return MODEL_SOURCES["pretrained"](str(path), source, run_dir)
 
 
 def register_tiny_model_source() -> None:
-    """Lets recipes name `model: {tiny: comm}` (the test recipes in `tests/recipes/`)."""
+    """Lets recipes name `model: {tiny: comm}` or `{tiny: matryoshka_llava}` (the test recipes in `tests/recipes/`)."""
     from .training.recipes import register_model_source
 
     register_model_source("tiny", _tiny_model_source)

@@ -79,12 +79,13 @@ def resolve_layers(layers: int | list[int], num_layers: int, field_name: str) ->
     return resolved
 
 
+def _side(value: int | list[int] | tuple[int, ...]) -> int:
+    return value[0] if isinstance(value, (list, tuple)) else value
+
+
 def patch_grid(vision_config: PretrainedConfig) -> int:
     """Side of the square patch grid an encoder produces (image_size // patch_size)."""
-    image_size, patch_size = vision_config.image_size, vision_config.patch_size
-    image_size = image_size[0] if isinstance(image_size, (list, tuple)) else image_size
-    patch_size = patch_size[0] if isinstance(patch_size, (list, tuple)) else patch_size
-    return image_size // patch_size
+    return _side(vision_config.image_size) // _side(vision_config.patch_size)
 
 
 class CommConfig(PretrainedConfig):
@@ -254,10 +255,20 @@ class CommConfig(PretrainedConfig):
                     raise ValueError(f"`{name}` must be 3 per-channel values (std > 0), got {value}.")
             grids[prefix] = patch_grid(vision_config)
         if len(set(grids.values())) > 1:
+            # The grids each encoder produces: its pixels are resized to its `image_size` (modeling `_encoder_pixels`).
+            primary = grids["vision"]
+            fixes = ", ".join(
+                f"{p}_config.image_size={primary * _side(getattr(self, f'{p}_config').patch_size)}"
+                for p, g in grids.items()
+                if g != primary
+            )
             raise ValueError(
                 "The encoders' patch grids must match to concatenate their tokens, got "
                 + ", ".join(f"{p}_config: {g}x{g}" for p, g in grids.items())
-                + ". Set `image_size`/`patch_size` so image_size // patch_size is equal."
+                + f". Run every encoder at the primary's {primary}x{primary} grid: `assemble_comm` / `comm-vlm "
+                "assemble` do it for published encoders (e.g. DINOv2 at 336 px instead of its native 518, its "
+                "position table resampled once by `comm_vlm.resolution.at_resolution`); for a config built by hand "
+                f"set {fixes}."
             )
         expected = grids["vision"] ** 2
         if self.vision_feature_select_strategy == "full":

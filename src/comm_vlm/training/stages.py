@@ -75,6 +75,12 @@ STAGES: dict[str, Stage] = {
             optional=("merges", "aligners", "projector", "combiner"),
         ),
         Stage(
+            "combiner_pretrain",
+            ("combiner", "merges", "aligners", "projector"),
+            "Adaptive combiner stage 1: combiner, connector and projector; encoders and LLM frozen",
+            optional=("merges", "aligners", "projector"),
+        ),
+        Stage(
             "combiner",
             ("combiner", "merges", "aligners", "projector", "llm"),
             "Adaptive combiner: combiner, connector, projector and LLM; encoders frozen",
