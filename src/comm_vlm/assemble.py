@@ -34,7 +34,7 @@ from transformers.models.auto.modeling_auto import MODEL_MAPPING
 from transformers.utils import logging
 
 from .chat_templates import CHAT_TEMPLATE as VICUNA_CHAT_TEMPLATE
-from .families import family_processor, get_family
+from .families import check_config_fields, family_processor, get_family
 from .models.configuration_comm import patch_grid
 from .resolution import at_resolution, resolution_for_grid
 
@@ -102,6 +102,7 @@ def assemble_comm(
         combiner's writes `combiner_num_latents` placeholders per image).
     """
     classes = get_family(family)
+    check_config_fields(family, config_overrides)
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     tokenizer = AutoTokenizer.from_pretrained(text)
     if image_token not in tokenizer.get_vocab():

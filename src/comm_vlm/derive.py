@@ -28,7 +28,7 @@ import torch
 from transformers import AutoConfig, AutoProcessor
 from transformers.utils import logging
 
-from .families import FAMILIES, family_processor, get_family
+from .families import FAMILIES, check_config_fields, family_processor, get_family
 from .hub import ModelCardInfo, save_for_hub
 
 
@@ -54,15 +54,23 @@ def _weight_files(source: Path) -> list[Path]:
     return files
 
 
-def _source_keys(files: list[Path]) -> set[str]:
-    from safetensors import safe_open
-
-    keys: set[str] = set()
-    for file in files:
-        if file.suffix == ".safetensors":
-            with safe_open(file, framework="pt") as handle:
-                keys.update(handle.keys())
-    return keys
+def _refuse_mismatch(
+    source: Path, source_type: str, target: str, unexpected: set[str], missing: set[str], new: tuple[str, ...]
+) -> None:
+    """Raises, listing them, for source weights the target has no place for and target weights the source lacks
+    (other than the target family's `new` modules)."""
+    unexpected, missing = sorted(unexpected), sorted(k for k in missing if not k.startswith(new))
+    if not unexpected and not missing:
+        return
+    problems = []
+    if unexpected:
+        problems.append(f"{len(unexpected)} source weights have no place in {target} (e.g. {unexpected[:3]})")
+    if missing:
+        problems.append(f"{len(missing)} {target} weights are not in the source (e.g. {missing[:3]})")
+    raise ValueError(
+        f"Cannot derive {target} from {source} ({source_type}): " + "; ".join(problems) + ". Nothing was written. "
+        "Derive from a complete checkpoint with the same vision branch and LLM."
+    )
 
 
 def derive_checkpoint(
@@ -106,27 +114,16 @@ def derive_checkpoint(
         )
     if output.exists() and any(output.iterdir()) and not overwrite:
         raise ValueError(f"{output} exists and is not empty; pass overwrite=True (--overwrite) or another directory.")
+    check_config_fields(target, config_fields)
     config = classes.config_class.from_comm_config(source_config, **config_fields)
     config.architectures = [classes.model_class.__name__]
 
     files = _weight_files(source)
-    with torch.device("meta"):
+    with torch.device("meta"):  # the weights each model has, in model-space names (no checkpoint key renames)
+        present = set(get_family(source_config.model_type).model_class(source_config).state_dict())
         expected = set(classes.model_class(config).state_dict())
-    present = _source_keys(files)
     new = NEW_MODULES.get(target, ())
-    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    unexpected = sorted(present - expected)
-    missing = sorted(k for k in expected - present - tied if not k.startswith(new))
-    if unexpected or missing:
-        problems = []
-        if unexpected:
-            problems.append(f"{len(unexpected)} source weights have no place in {target} (e.g. {unexpected[:3]})")
-        if missing:
-            problems.append(f"{len(missing)} {target} weights are not in the source (e.g. {missing[:3]})")
-        raise ValueError(
-            f"Cannot derive {target} from {source} ({source_config.model_type}): " + "; ".join(problems) + ". "
-            "Nothing was written. Derive from a checkpoint with the same vision branch and LLM."
-        )
+    _refuse_mismatch(source, source_config.model_type, target, present - expected, expected - present, new)
     processor = None
     if any((source / f).is_file() for f in ("processor_config.json", "tokenizer_config.json")):
         source_processor = AutoProcessor.from_pretrained(source)
@@ -158,8 +155,11 @@ def derive_checkpoint(
             os.symlink(file.resolve(), staging / file.name)
         if (source / "generation_config.json").is_file():
             shutil.copyfile(source / "generation_config.json", staging / "generation_config.json")
-        model = classes.model_class.from_pretrained(staging, dtype="auto").eval()
-        written = save_for_hub(model, workdir / "out", processor, card=card, max_shard_size=max_shard_size)
+        model, info = classes.model_class.from_pretrained(staging, dtype="auto", output_loading_info=True)
+        _refuse_mismatch(
+            source, source_config.model_type, target, set(info["unexpected_keys"]), set(info["missing_keys"]), new
+        )
+        written = save_for_hub(model.eval(), workdir / "out", processor, card=card, max_shard_size=max_shard_size)
         if output.exists():
             shutil.rmtree(output)
         os.replace(workdir / "out", output)

@@ -49,6 +49,19 @@ def get_family(name: str) -> Family:
     return FAMILIES[name]
 
 
+def check_config_fields(family: str, fields: dict[str, Any]) -> None:
+    """Raises `ValueError` for keys of `fields` that are not fields of the family's config (a typo would otherwise be
+    stored as an unused attribute), naming the closest known fields."""
+    import difflib
+
+    known = set(get_family(family).config_class.__dataclass_fields__)
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        hints = {k: difflib.get_close_matches(k, known, n=2) for k in unknown}
+        detail = "; ".join(f"{k!r}" + (f" (did you mean {' or '.join(v)}?)" if v else "") for k, v in hints.items())
+        raise ValueError(f"Not a field of the {family} config: {detail}. See its config class's docstring.")
+
+
 def clip_image_processor(image_size: int = 336):
     """CLIP's image processor (resize the shortest edge, center crop, CLIP normalisation) at `image_size`, as
     LLaVA-1.5 and COMM preprocess; the PIL backend when torchvision is not installed (torchvision stays optional)."""
@@ -77,4 +90,4 @@ def family_processor(family: str, config: Any, image_processor: Any, tokenizer: 
     )
 
 
-__all__ = ["FAMILIES", "Family", "clip_image_processor", "family_processor", "get_family"]
+__all__ = ["FAMILIES", "Family", "check_config_fields", "clip_image_processor", "family_processor", "get_family"]

@@ -1,7 +1,8 @@
 """YAML recipes: a model source and a list of stages, run in order (stage k+1 starts from stage k's output).
 
 ```yaml
-model: {pretrained: path-or-repo-id}   # or {assemble: {vision, text, ...}}, or a source of `register_model_source`
+model: {pretrained: path-or-repo-id}   # or {assemble: {vision, text, family, ...}}, {convert: {from, source, to}},
+                                      # or a source of `register_model_source`
 stages:
   - stage: comm_pretrain            # a key of comm_vlm.training.stages.STAGES
     dataset: {path: data/stage1.json, format: llava, image_folder: data/images}
@@ -141,11 +142,37 @@ def _assembled(parts: dict, source: dict, run_dir: Path):
     return assemble_comm(dtype=source.get("dtype", "float32"), **parts)
 
 
+def _converted(spec: dict, source: dict, run_dir: Path):
+    """`{convert: {from: llava-hf, source: llava-hf/llava-1.5-7b-hf, to: matryoshka_llava, <fields>}}`: the source
+    converted (or, `from: comm-vlm`, derived) once into `<run_dir>/init`, then loaded; a later run reuses it."""
+    from ..convert import convert_checkpoint
+
+    spec = dict(spec)
+    missing = {"from", "source"} - set(spec)
+    if missing:
+        raise ValueError(f"`model: {{convert: ...}}` needs {sorted(missing)}, e.g. {{from: llava-hf, source: ID}}.")
+    init = run_dir / "init"
+    if not (init / "config.json").is_file():
+        scales = spec.pop("matryoshka_scales", None)
+        convert_checkpoint(
+            spec.pop("source"),
+            init,
+            spec.pop("from"),
+            spec.pop("to", "comm"),
+            vision_tower=spec.pop("vision_tower", None),
+            matryoshka_scales=scales,
+            overwrite=True,
+            config_fields=spec,
+        )
+    return _pretrained(str(init), source, run_dir)
+
+
 # A recipe's `model:` has one key naming its source; its loader takes (that key's value, the whole `model:` mapping,
 # the run directory) and returns `(model, processor)`.
 MODEL_SOURCES: dict[str, Callable[[Any, dict, Path], tuple[Any, Any]]] = {
     "pretrained": _pretrained,  # {pretrained: path-or-repo-id, dtype: ...}
-    "assemble": _assembled,  # {assemble: {vision: ..., secondary_vision: ..., text: ..., <CommConfig fields>}}
+    "assemble": _assembled,  # {assemble: {vision: ..., secondary_vision: ..., text: ..., family: ..., <fields>}}
+    "convert": _converted,  # {convert: {from: llava-hf|llava-original|comm-vlm, source: ..., to: <family>, ...}}
 }
 
 
