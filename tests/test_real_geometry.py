@@ -1,8 +1,9 @@
 """The published parts' geometry through the user's path: `comm-vlm assemble` -> generate -> save/reload -> train.
 
-Stand-ins with the published layer counts, image and patch sizes and tiny widths: a two-tower CLIP at 336 px with
-patch 14 and 24 layers (openai/clip-vit-large-patch14-336's layout), DINOv2 at its published 518 px with patch 14 and
-24 layers (facebook/dinov2-large's), and a Llama whose tokenizer has no `<image>` token (lmsys/vicuna-7b-v1.5's case).
+Stand-ins with the published layer counts, image and patch sizes (read from `tests/fixtures/published_configs/`) and
+tiny widths: a two-tower CLIP at 336 px with patch 14 and 24 layers (openai/clip-vit-large-patch14-336's layout),
+DINOv2 at its published 518 px with patch 14 and 24 layers (facebook/dinov2-large's), and a Llama whose tokenizer has
+no `<image>` token (lmsys/vicuna-7b-v1.5's case).
 """
 
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from published_configs import CLIP_L_336, DINOV2_L, load_published_dict
 from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
@@ -29,21 +31,30 @@ from comm_vlm.testing import build_tiny_tokenizer, tiny_text_config
 from comm_vlm.training import run_recipe
 
 
-TINY_VIT = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_hidden_layers": 24}
+TINY_WIDTHS = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4}
+
+
+def _published_geometry(repo: str) -> dict:
+    """A published vision config's layer count, image and patch sizes (tests/fixtures/published_configs/)."""
+    published = load_published_dict(repo)
+    vision = published.get("vision_config", published)
+    return {k: vision[k] for k in ("num_hidden_layers", "image_size", "patch_size")}
 
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
     root = tmp_path_factory.mktemp("published")
     torch.manual_seed(0)
+    clip_geometry, dino_geometry = _published_geometry(CLIP_L_336), _published_geometry(DINOV2_L)
+    assert (clip_geometry["image_size"], dino_geometry["image_size"]) == (336, 518)  # 24x24 against 37x37 patches
     clip_config = CLIPConfig(
-        text_config={**TINY_VIT, "num_hidden_layers": 1},
-        vision_config={**TINY_VIT, "image_size": 336, "patch_size": 14},
+        text_config={**TINY_WIDTHS, "num_hidden_layers": 1},
+        vision_config={**TINY_WIDTHS, **clip_geometry},
         projection_dim=16,
     )
     CLIPModel(clip_config).save_pretrained(root / "clip")
     clip_image_processor(336).save_pretrained(root / "clip")
-    dino = Dinov2Model(Dinov2Config(**TINY_VIT, image_size=518, patch_size=14, mlp_ratio=2)).eval()
+    dino = Dinov2Model(Dinov2Config(**TINY_WIDTHS, **dino_geometry, mlp_ratio=2)).eval()
     dino.save_pretrained(root / "dino")
     tokenizer = build_tiny_tokenizer(with_image_token=False)
     text = {k: v for k, v in tiny_text_config(len(tokenizer)).items() if k != "model_type"}
