@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     assemble.add_argument("--vision", required=True, help="primary encoder: repo id or directory (CLIP, SigLIP, ...)")
     assemble.add_argument("--text", required=True, help="causal LM: repo id or directory (its tokenizer is used)")
     assemble.add_argument(
-        "--secondary-vision", help="second encoder, e.g. facebook/dinov2-large, run at the primary's grid"
+        "--secondary-vision",
+        help="second encoder, e.g. facebook/dinov2-large, run at the primary's grid (default: none, one encoder)",
     )
     assemble.add_argument(
         "--family",
@@ -173,7 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument(
         "--card", help="JSON file with model-card fields, see comm_vlm.hub.ModelCardInfo (default: none)"
     )
-    push.add_argument("--recipe", help="training recipe (name or YAML) to describe in the card (default: none)")
+    push.add_argument(
+        "--recipe",
+        help="training recipe (name or YAML) to describe in the card when the checkpoint has no "
+        "training_provenance.json (default: none; a `final/` of `comm-vlm train` describes the run that made it)",
+    )
     push.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard")
     push.add_argument("--private", action="store_true", help="make a new repo private")
     push.add_argument(
@@ -345,22 +350,30 @@ def _push(args: argparse.Namespace) -> int:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from .hub import ModelCardInfo, push_to_hub, save_for_hub, training_from_recipe
+    from .hub.cards import PROVENANCE_FILE, base_models_from_recipe, read_provenance
 
     card = ModelCardInfo.from_dict(json.loads(Path(args.card).read_text())) if args.card else ModelCardInfo()
     card.repo_id = card.repo_id or args.repo_id
-    if args.recipe:
+    # The card describes, in this order: the fields of --card, the run recorded in SRC, --recipe.
+    record = read_provenance(args.source)
+    if args.recipe and record is not None:
+        sys.stderr.write(
+            f"comm-vlm push: {args.source} records the run that trained it ({PROVENANCE_FILE}): the card describes "
+            "that run, not --recipe\n"
+        )
+    elif args.recipe:
         from .training import load_recipe
 
         recipe = load_recipe(args.recipe)
-        card.training = training_from_recipe(recipe)
-        source = recipe.get("model", {})
-        parts = [*(source.get("assemble") or {}).values(), source.get("pretrained")]
-        card.base_model = card.base_model or [p for p in parts if isinstance(p, str) and not Path(p).exists()]
+        card.training = card.training or training_from_recipe(recipe)
+        card.base_model = card.base_model or base_models_from_recipe(recipe)
     model = AutoModelForImageTextToText.from_pretrained(args.source)
     has_processor = any((Path(args.source) / f).is_file() for f in ("processor_config.json", "tokenizer_config.json"))
     processor = AutoProcessor.from_pretrained(args.source) if has_processor else None
     if args.local_dir:
-        files = save_for_hub(model, args.local_dir, processor, card, max_shard_size=args.max_shard_size)
+        files = save_for_hub(
+            model, args.local_dir, processor, card, max_shard_size=args.max_shard_size, provenance=record or False
+        )
         sys.stdout.write(f"wrote {args.local_dir}: {', '.join(files)}\n")
         return 0
     commit = push_to_hub(
@@ -369,6 +382,7 @@ def _push(args: argparse.Namespace) -> int:
         processor,
         card,
         max_shard_size=args.max_shard_size,
+        provenance=record or False,
         private=args.private or None,
         revision=args.revision,
         create_pr=args.create_pr,

@@ -4,8 +4,11 @@ templates in `model_cards/`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+import os
+from dataclasses import dataclass, field, replace
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
@@ -61,13 +64,17 @@ class ModelCardInfo:
         license (`str`): SPDX-style license id of the weights.
         language (`list[str]`): languages of the training text.
         training (`list[dict]`): one dict per stage: `stage`, `data` (str or list), `trainable` (list),
-            `hyperparameters` (dict). `training_from_recipe` builds it from a YAML recipe.
+            `hyperparameters` (dict), and for a run that happened `steps`, `epochs`, `global_batch_size` and
+            `train_loss`. `training_from_provenance` builds it from the record a training run writes,
+            `training_from_recipe` from a YAML recipe (what was planned, not what ran).
         eval_results (`list[EvalResult | dict]`): results of *this* checkpoint, written as `model-index`. Dicts take
             `EvalResult`'s fields (`task_type`, `dataset_type`, `dataset_name`, `metric_type`, `metric_value`, ...).
         notes (`list[str]`): extra provenance lines (e.g. "converted from the LLaVA training-code layout").
         intended_use (`str`, *optional*): replaces the default intended-use paragraph.
         limitations (`list[str]`): added to the default limitations.
         tags (`list[str]`): extra Hub tags.
+        remote_code (`bool`): whether the modeling code ships with the weights (`auto_map` and `*.py` files, so
+            `trust_remote_code=True` loads it without comm-vlm); when `False` the card says to `import comm_vlm`.
     """
 
     model_name: str | None = None
@@ -82,6 +89,7 @@ class ModelCardInfo:
     intended_use: str | None = None
     limitations: list[str] = field(default_factory=list)
     tags: list[str] = field(default_factory=list)
+    remote_code: bool = True
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelCardInfo:
@@ -113,18 +121,45 @@ def _eval_results(items: list[Any]) -> list[EvalResult]:
     return results
 
 
+_STAGE_DEFAULTS: dict[str, Any] = {
+    "data": "",
+    "trainable": [],
+    "hyperparameters": {},
+    "steps": None,
+    "epochs": None,
+    "global_batch_size": None,
+    "train_loss": None,
+}
+
+
 def _training_stages(stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Validates `ModelCardInfo.training` and fills the optional keys."""
-    known = {"stage", "data", "trainable", "hyperparameters"}
     normalized = []
     for stage in stages:
-        if not isinstance(stage, dict) or "stage" not in stage or set(stage) - known:
+        if not isinstance(stage, dict) or "stage" not in stage or set(stage) - {"stage", *_STAGE_DEFAULTS}:
             raise ValueError(
                 f"Invalid training stage {stage!r}: give a dict with 'stage' and optionally 'data' (str or list), "
-                "'trainable' (list) and 'hyperparameters' (dict)."
+                "'trainable' (list), 'hyperparameters' (dict), 'steps' (int), 'epochs', 'global_batch_size' and "
+                "'train_loss'."
             )
-        normalized.append({"data": "", "trainable": [], "hyperparameters": {}, **stage})
+        normalized.append({**_STAGE_DEFAULTS, **stage})
     return normalized
+
+
+def describe_dataset(spec: dict[str, Any]) -> list[str]:
+    """A recipe's `dataset:` entry as card lines: one per source (`path (format)`, with weights for a mixture)."""
+    if "mixture" in spec:
+        return [f"{d.get('path')} ({d.get('format', 'auto')}, weight {d.get('weight', 1)})" for d in spec["mixture"]]
+    if "tiny" in spec:
+        return [f"synthetic tiny data ({spec['tiny']} samples)"]
+    return [f"{spec.get('path')} ({spec.get('format', 'auto')})"]
+
+
+def base_models_from_recipe(recipe: dict[str, Any]) -> list[str]:
+    """The Hub ids a recipe's model source names (`pretrained:` or the parts of `assemble:`), local paths left out."""
+    source = recipe.get("model") or {}
+    parts = [*(source.get("assemble") or {}).values(), source.get("pretrained")]
+    return [p for p in parts if isinstance(p, str) and not Path(p).exists()]
 
 
 def training_from_recipe(recipe: dict[str, Any]) -> list[dict[str, Any]]:
@@ -137,15 +172,7 @@ def training_from_recipe(recipe: dict[str, Any]) -> list[dict[str, Any]]:
 
     stages = []
     for stage in recipe.get("stages", []):
-        dataset = stage.get("dataset", {})
-        if "mixture" in dataset:
-            data = [
-                f"{d.get('path')} ({d.get('format', 'auto')}, weight {d.get('weight', 1)})" for d in dataset["mixture"]
-            ]
-        elif "tiny" in dataset:
-            data = [f"synthetic tiny data ({dataset['tiny']} samples)"]
-        else:
-            data = [f"{dataset.get('path')} ({dataset.get('format', 'auto')})"]
+        data = describe_dataset(stage.get("dataset", {}))
         spec = STAGES.get(stage["stage"])
         trainable = list(spec.trains) if spec is not None else []
         if stage.get("peft"):
@@ -281,3 +308,158 @@ def render_model_card(config: CommConfig, info: ModelCardInfo | None = None) -> 
         eval_results=eval_results,
     )
     return ModelCard(content)
+
+
+PROVENANCE_FILE = "training_provenance.json"
+"""The record a training run writes into its directory and each stage's `final/` (`comm_vlm.training.provenance`)."""
+
+# SFTConfig fields a card leaves out of a stage's hyper-parameters (paths, logging, saving, placeholders); the
+# provenance file keeps them all.
+_HIDDEN_CARD_ARGS = frozenset(
+    {
+        "output_dir",
+        "logging_dir",
+        "run_name",
+        "report_to",
+        "disable_tqdm",
+        "push_to_hub",
+        "overwrite_output_dir",
+        "remove_unused_columns",
+        "accelerator_config",
+        "debug",
+        "dataloader_pin_memory",
+        "ddp_find_unused_parameters",
+    }
+)
+
+
+def _shown_in_card(name: str, value: Any) -> bool:
+    return value is not None and name not in _HIDDEN_CARD_ARGS and not name.startswith(("hub_", "logging_", "save_"))
+
+
+def read_provenance(directory: str | os.PathLike) -> dict[str, Any] | None:
+    """The training record of a checkpoint directory (`training_provenance.json`), or `None` when it has none.
+
+    Args:
+        directory (`str` or `os.PathLike`): a run directory or a stage's `final/` written by `comm-vlm train`.
+
+    Raises:
+        ValueError: the file exists but is not a training record.
+    """
+    path = Path(directory) / PROVENANCE_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{path} is not valid JSON ({err}): restore it from the run directory, or remove it to publish the "
+            "checkpoint without its training record."
+        ) from err
+    if not isinstance(record, dict) or not isinstance(record.get("stages"), list):
+        raise ValueError(
+            f"{path} is not a comm-vlm training record (no `stages` list): restore it from the run directory, or "
+            "remove it to publish the checkpoint without its training record."
+        )
+    return record
+
+
+def load_instructions(path_or_repo_id: str, remote_code: bool) -> dict[str, str | None]:
+    """The Python lines that load a checkpoint, with the package and (when its code ships) without it.
+
+    Args:
+        path_or_repo_id (`str`): a directory or a Hub repo id.
+        remote_code (`bool`): whether the checkpoint ships its modeling code (`auto_map` and `*.py` files).
+
+    Returns:
+        `dict`: `with_comm_vlm` (always), `without_comm_vlm` (`trust_remote_code=True`; `None` without remote code).
+    """
+    source = json.dumps(str(path_or_repo_id))
+    imports = "from transformers import AutoModelForImageTextToText, AutoProcessor\n\n"
+    with_package = (
+        "import comm_vlm  # registers the comm-vlm model types with the Auto classes\n"
+        + imports
+        + f"model = AutoModelForImageTextToText.from_pretrained({source})\n"
+        + f"processor = AutoProcessor.from_pretrained({source})"
+    )
+    without_package = (
+        imports
+        + f"model = AutoModelForImageTextToText.from_pretrained({source}, trust_remote_code=True)\n"
+        + f"processor = AutoProcessor.from_pretrained({source}, trust_remote_code=True)"
+    )
+    return {"with_comm_vlm": with_package, "without_comm_vlm": without_package if remote_code else None}
+
+
+def training_from_provenance(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """Turns a training record (`read_provenance`) into `ModelCardInfo.training` stages: what actually ran.
+
+    Args:
+        record (`dict`): with `stages`, each having `stage`, `data`, `trainable`, `sft_args`, `batch`, `steps` and
+            `train_loss`, as `comm_vlm.training.provenance` writes them.
+    """
+    stages = []
+    for stage in record.get("stages", []):
+        data = stage.get("data") or {}
+        lines = describe_dataset(data.get("spec") or {})
+        samples = data.get("samples")
+        if samples:
+            reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(samples.get("skipped_by_reason", {}).items()))
+            lines.append(
+                f"{samples['kept']} of {samples['total']} samples used"
+                + (f", skipped {reasons}" if reasons else ", none skipped")
+            )
+        counts = (stage.get("trainable") or {}).get("per_component") or {}
+        trainable = [f"{component} ({n:,} parameters)" for component, n in counts.items() if n]
+        if stage.get("peft"):
+            trainable.append(f"LoRA {stage['peft']}")
+        hyperparameters = {k: v for k, v in (stage.get("sft_args") or {}).items() if _shown_in_card(k, v)}
+        if stage.get("learning_rates"):
+            hyperparameters["learning_rates"] = stage["learning_rates"]
+        steps = stage.get("steps") or {}
+        stages.append(
+            {
+                "stage": stage["stage"],
+                "data": lines,
+                "trainable": trainable,
+                "hyperparameters": hyperparameters,
+                "steps": steps.get("global_step"),
+                "epochs": steps.get("epochs"),
+                "global_batch_size": (stage.get("batch") or {}).get("global_batch_size"),
+                "train_loss": stage.get("train_loss"),
+            }
+        )
+    return stages
+
+
+def provenance_note(record: dict[str, Any]) -> str:
+    """One card paragraph: how the checkpoint was trained (recipe, overrides, steps, library versions)."""
+    stages = record.get("stages", [])
+    steps = sum((s.get("steps") or {}).get("global_step") or 0 for s in stages)
+    recipe = f" from the recipe `{record['recipe_path']}`" if record.get("recipe_path") else ""
+    overrides = record.get("overrides") or {}
+    given = " with the overrides " + ", ".join(f"`{k}={v}`" for k, v in overrides.items()) if overrides else ""
+    versions = ", ".join(f"{name} {version}" for name, version in (record.get("versions") or {}).items() if version)
+    return (
+        f"Trained by `comm-vlm train`{recipe}{given}: {len(stages)} stage{'s' if len(stages) != 1 else ''}, "
+        f"{steps} optimizer step{'s' if steps != 1 else ''} in all"
+        + (f", with {versions}" if versions else "")
+        + f". `{PROVENANCE_FILE}` holds the full record: the resolved recipe, the SFT arguments used, the steps run, "
+        "the data used and skipped, the trainable parameters and the library versions."
+    )
+
+
+def card_info_from_provenance(record: dict[str, Any], info: ModelCardInfo | None = None) -> ModelCardInfo:
+    """`info` completed from a training record: the stages that ran, the base models and a provenance note.
+
+    Fields set in `info` win: its `training` (when given) replaces the recorded stages, its `base_model` the recipe's.
+
+    Args:
+        record (`dict`): a training record (`read_provenance`).
+        info (`ModelCardInfo`, *optional*): the card's other content; not modified.
+    """
+    info = replace(info) if info is not None else ModelCardInfo()
+    if not info.training:
+        info.training = training_from_provenance(record)
+        info.notes = [provenance_note(record), *info.notes]
+    info.base_model = info.base_model or base_models_from_recipe(record.get("recipe") or {})
+    return info

@@ -2,10 +2,15 @@
 
 save_for_hub(model, "out/", processor, card=ModelCardInfo(...))   # the files, in a local folder
 push_to_hub(model, "me/comm-7b", processor, card=...)             # the same files, in one commit
+
+A model loaded from a directory `comm-vlm train` wrote carries that run's record (`training_provenance.json`) into the
+card and the repo.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -14,7 +19,14 @@ from typing import Any
 from huggingface_hub import CommitOperationAdd, HfApi
 from transformers.utils import logging
 
-from .cards import ModelCardInfo, render_model_card
+from .cards import (
+    PROVENANCE_FILE,
+    ModelCardInfo,
+    card_info_from_provenance,
+    load_instructions,
+    read_provenance,
+    render_model_card,
+)
 from .remote_code import check_remote_code, remote_code_export
 
 
@@ -27,9 +39,10 @@ def save_for_hub(
     processor: Any = None,
     card: ModelCardInfo | None = None,
     max_shard_size: int | str = "5GB",
+    provenance: dict[str, Any] | str | os.PathLike | bool = True,
 ) -> list[str]:
     """Writes everything a Hub repo needs: safetensors (sharded above `max_shard_size`), config, generation config,
-    processor, remote code and a model card (`README.md`).
+    processor, remote code, a model card (`README.md`) and, for a trained checkpoint, its training record.
 
     Args:
         model (`PreTrainedModel`): a COMM-family model.
@@ -37,18 +50,46 @@ def save_for_hub(
         processor (`ProcessorMixin`, *optional*): saved next to the model (needed by `AutoProcessor` / `pipeline`).
         card (`ModelCardInfo`, *optional*): the card's content beyond the config.
         max_shard_size (`int` or `str`): largest safetensors shard, e.g. `"5GB"`.
+        provenance (`dict`, `str`, `os.PathLike` or `bool`): the training record (`training_provenance.json`) that
+            the card describes and the repo ships: `True` reads it from the directory the model was loaded from
+            (`model.name_or_path`) when that directory has one; a directory reads it from there; a `dict` is the
+            record; `False` leaves it out. Fields set in `card` win over the record (`card_info_from_provenance`).
 
     Returns:
         `list[str]`: the written files, relative to `save_directory`, sorted.
     """
     save_directory = Path(save_directory)
+    record = _training_record(model, provenance)
+    card = dataclasses.replace(card or ModelCardInfo(), remote_code=True)
     with remote_code_export(model, processor):
         model.save_pretrained(save_directory, max_shard_size=max_shard_size)
         if processor is not None:
             processor.save_pretrained(save_directory)
     check_remote_code(save_directory)
+    if record is not None:
+        card = card_info_from_provenance(record, card)
+        load = load_instructions(card.repo_id or str(save_directory), remote_code=True)
+        record = {**record, "load": {"remote_code": True, **load}}
+        (save_directory / PROVENANCE_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     render_model_card(model.config, card).save(save_directory / "README.md")
     return sorted(p.relative_to(save_directory).as_posix() for p in save_directory.rglob("*") if p.is_file())
+
+
+def _training_record(model: Any, provenance: dict[str, Any] | str | os.PathLike | bool) -> dict[str, Any] | None:
+    if provenance is False or provenance is None:
+        return None
+    if isinstance(provenance, dict):
+        return provenance
+    if provenance is True:
+        source = getattr(model, "name_or_path", None) or ""
+        return read_provenance(source) if source and os.path.isdir(source) else None
+    record = read_provenance(provenance)
+    if record is None:
+        raise ValueError(
+            f"No {PROVENANCE_FILE} in {provenance}: give the directory `comm-vlm train` wrote (a stage's `final/` or "
+            "the run directory), or `provenance=False`."
+        )
+    return record
 
 
 def push_to_hub(
@@ -58,6 +99,7 @@ def push_to_hub(
     card: ModelCardInfo | None = None,
     *,
     max_shard_size: int | str = "5GB",
+    provenance: dict[str, Any] | str | os.PathLike | bool = True,
     private: bool | None = None,
     token: str | bool | None = None,
     revision: str | None = None,
@@ -71,7 +113,8 @@ def push_to_hub(
     `HfApi.create_commit` (one `CommitOperationAdd` per file).
 
     Args:
-        model, processor, card, max_shard_size: as for `save_for_hub` (`card.repo_id` defaults to `repo_id`).
+        model, processor, card, max_shard_size, provenance: as for `save_for_hub` (`card.repo_id` defaults to
+            `repo_id`).
         repo_id (`str`): `"user/name"` or `"org/name"`; created if missing.
         private (`bool`, *optional*): visibility of a new repo.
         token (`str` or `bool`, *optional*): Hub token (default: the logged-in one).
@@ -91,7 +134,7 @@ def push_to_hub(
     if revision is not None and not create_pr:
         api.create_branch(repo_id, branch=revision, token=token, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        files = save_for_hub(model, tmp, processor, card, max_shard_size=max_shard_size)
+        files = save_for_hub(model, tmp, processor, card, max_shard_size=max_shard_size, provenance=provenance)
         operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=os.path.join(tmp, name)) for name in files]
         logger.info(f"Pushing {len(files)} files to {repo_id}: {files}")
         return api.create_commit(

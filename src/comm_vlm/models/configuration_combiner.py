@@ -82,6 +82,7 @@ class AdaptiveCombinerConfig(LlavaBranchConfig):
     """
 
     model_type = "adaptive_combiner"
+    image_text_to_text_class_ref = "modeling_combiner.AdaptiveCombinerForConditionalGeneration"
 
     combiner_num_latents: int = 64
     combiner_iterations: int = 4

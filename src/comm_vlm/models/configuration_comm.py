@@ -123,6 +123,9 @@ class CommConfig(PretrainedConfig):
     """
 
     model_type = "comm"
+    # The class that `AutoModelForImageTextToText` loads a checkpoint of this config as, in `transformers`'
+    # `auto_map` form (`<module>.<class>`): see `to_dict`.
+    image_text_to_text_class_ref = "modeling_comm.CommForConditionalGeneration"
     attribute_map = {"image_token_id": "image_token_index"}
     sub_configs_defaults = {
         "vision_config": SubConfigSpec(
@@ -165,6 +168,22 @@ class CommConfig(PretrainedConfig):
         if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
             self.tie_word_embeddings = self.text_config.tie_word_embeddings
         self._validate_branches()
+
+    def to_dict(self) -> dict:
+        """`PretrainedConfig.to_dict`, whose `auto_map` names the model class for `AutoModelForImageTextToText`
+        (`image_text_to_text_class_ref`) unless it names one already.
+
+        A saved `config.json` thus tells tools that pick the Auto class from the config alone which one to use:
+        TRL's `SFTTrainer(model="<checkpoint dir>")` reads `config.auto_map` for any architecture that is not a
+        `transformers` attribute. The entry adds no remote code: with comm-vlm imported, transformers loads the
+        registered class whatever `trust_remote_code` says (local code wins), and there is no `AutoConfig` entry, so a
+        checkpoint without its modeling files still needs comm-vlm. `comm_vlm.hub.save_for_hub` writes the full
+        remote-code `auto_map` over it.
+        """
+        output = super().to_dict()
+        auto_map = output.get("auto_map") or {}
+        output["auto_map"] = {"AutoModelForImageTextToText": self.image_text_to_text_class_ref, **auto_map}
+        return output
 
     @classmethod
     def from_comm_config(cls, comm_config: "CommConfig", **kwargs):

@@ -142,6 +142,7 @@ class MatryoshkaLlavaConfig(LlavaBranchConfig):
     """
 
     model_type = "matryoshka_llava"
+    image_text_to_text_class_ref = "modeling_matryoshka.MatryoshkaLlavaForConditionalGeneration"
 
     matryoshka_scales: list[int] | None = None
     matryoshka_default_scale: int | None = None

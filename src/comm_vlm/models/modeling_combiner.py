@@ -271,7 +271,8 @@ class AdaptiveCombinerModel(AdaptiveCombinerPreTrainedModel, CommModel):
             fused = self.fuse_image_features(
                 image_features, inputs_embeds, image_mask, attention_mask, labels, prompt_length
             )
-            fused = fused.reshape(-1, fused.shape[-1])  # (num_images * N, D_llm)
+            # (num_images * N, D_llm), in the embeddings' dtype (under autocast the combiner's output is not)
+            fused = fused.reshape(-1, fused.shape[-1]).to(inputs_embeds.dtype)
             inputs_embeds = inputs_embeds.masked_scatter(special_image_mask, fused)
 
         return self.run_language_model(inputs_embeds, attention_mask, position_ids, past_key_values, fused, **kwargs)
@@ -311,8 +312,9 @@ class AdaptiveCombinerForConditionalGeneration(AdaptiveCombinerPreTrainedModel, 
     ) -> CommCausalLMOutputWithPast:
         """
         Args:
-            labels (`torch.LongTensor` of shape `(B, T)`, *optional*): next-token targets (-100 = ignored); the
-                supervised positions are also kept out of the combiner (no label leakage).
+            labels (`torch.LongTensor` of shape `(B, T)`, *optional*): next-token targets (-100 = ignored; image
+                placeholders are never targets); the supervised positions are also kept out of the combiner (no label
+                leakage).
             logits_to_keep (`int` or `torch.Tensor`): compute logits only for the last `n` positions (0 = all).
             prompt_length, combiner_labels: see [`AdaptiveCombinerModel.forward`].
 

@@ -10,6 +10,13 @@ layout:
 
 Attribute names (`vision_tower`, `multi_modal_projector`, `language_model`, `lm_head`) and the state-dict layout
 match `LlavaForConditionalGeneration`, so a COMM configured as LLaVA loads LLaVA weights as they are.
+
+Training: with `labels`, the loss is the next-token loss in which image placeholders are never targets
+(`mask_image_labels`, every family's rule, as in LLaVA). A loss computed outside the model (TRL's fused LM head calls
+the backbone without `labels`) scores the batch's labels as they are: build the batches with
+`comm_vlm.training.TrainingBatchCollator`, which applies the same rule. Unlike M3 and the adaptive combiner, whose
+backbones read what that collator adds and refuse to train without it, COMM's backbone receives nothing that tells a
+prepared batch from another, so it does not check.
 """
 
 from __future__ import annotations
@@ -32,6 +39,34 @@ from .feature_merging import LayerscaleMerge, LLNLayerscaleMerge, build_aligner,
 
 
 logger = logging.get_logger(__name__)
+
+IGNORE_INDEX = -100
+
+
+def mask_image_labels(labels: torch.Tensor, input_ids: torch.Tensor | None, image_token_id: int) -> torch.Tensor:
+    """`labels` with -100 wherever `input_ids` holds the image placeholder: an image is never a target.
+
+    The one rule of every family (as in LLaVA's training), applied by the models' own losses and by the training
+    collator (`comm_vlm.training.TrainingBatchCollator`), so a loss computed outside the model never scores
+    placeholders either.
+
+    Args:
+        labels (`torch.LongTensor` of shape `(B, T)`): unshifted next-token targets (-100 = ignored).
+        input_ids (`torch.LongTensor` of shape `(B, T)`, *optional*): the inputs the labels belong to; `None`
+            (inputs given as embeddings) returns `labels` as they are.
+        image_token_id (`int`): the placeholder id (`config.image_token_id`).
+
+    Returns:
+        `torch.LongTensor` of shape `(B, T)`: a new tensor (the input is not modified).
+    """
+    if input_ids is None:
+        return labels
+    if input_ids.shape != labels.shape:
+        raise ValueError(
+            f"`labels` has shape {tuple(labels.shape)} but `input_ids` {tuple(input_ids.shape)}: give one label per "
+            "input token (-100 where no loss is taken)."
+        )
+    return labels.masked_fill(input_ids.to(labels.device) == image_token_id, IGNORE_INDEX)
 
 
 @dataclass
@@ -416,18 +451,22 @@ class CommForConditionalGeneration(CommPreTrainedModel, GenerationMixin):
         outputs: CommModelOutputWithPast,
         labels: torch.LongTensor | None,
         logits_to_keep: int | torch.Tensor = 0,
+        input_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> CommCausalLMOutputWithPast:
         """Logits of the kept positions and, with `labels` `(B, T)`, the causal-LM loss; shared by every family.
 
         Args:
             outputs ([`CommModelOutputWithPast`]): the backbone's, `last_hidden_state` `(B, T, D)`.
-            labels (`torch.LongTensor` of shape `(B, T)`, *optional*): next-token targets (-100 = ignored).
+            labels (`torch.LongTensor` of shape `(B, T)`, *optional*): next-token targets (-100 = ignored). Image
+                placeholder positions of `input_ids` are never targets (`mask_image_labels`).
             logits_to_keep (`int` or `torch.Tensor`): see `transformers.modeling_utils.slice_logits_to_keep`.
+            input_ids (`torch.LongTensor` of shape `(B, T)`, *optional*): the inputs, to find the placeholders.
         """
         logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
         loss = None
         if labels is not None:
+            labels = mask_image_labels(labels, input_ids, self.config.image_token_id)
             loss = self.loss_function(
                 logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
             )
@@ -456,7 +495,7 @@ class CommForConditionalGeneration(CommPreTrainedModel, GenerationMixin):
         """
         Args:
             labels (`torch.LongTensor` of shape `(B, T)`, *optional*): next-token targets (-100 = ignored), shifted
-                inside the loss as in transformers' causal LMs.
+                inside the loss as in transformers' causal LMs; image placeholder positions are never targets.
             logits_to_keep (`int` or `torch.Tensor`): compute logits only for the last `n` positions (0 = all).
 
         See [`CommModel.forward`] for the other arguments.
@@ -471,7 +510,7 @@ class CommForConditionalGeneration(CommPreTrainedModel, GenerationMixin):
             mm_encoder_outputs=mm_encoder_outputs,
             **kwargs,
         )
-        return self.lm_head_outputs(outputs, labels, logits_to_keep, **kwargs)
+        return self.lm_head_outputs(outputs, labels, logits_to_keep, input_ids=input_ids, **kwargs)
 
 
-__all__ = ["CommModel", "CommForConditionalGeneration", "CommPreTrainedModel"]
+__all__ = ["CommModel", "CommForConditionalGeneration", "CommPreTrainedModel", "mask_image_labels"]

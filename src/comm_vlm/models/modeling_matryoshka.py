@@ -38,6 +38,7 @@ from .modeling_comm import (
     CommModel,
     CommModelOutputWithPast,
     CommPreTrainedModel,
+    mask_image_labels,
 )
 from .packing_matryoshka import (
     _as_list,
@@ -358,6 +359,7 @@ class MatryoshkaLlavaForConditionalGeneration(CommForConditionalGeneration):
             if outputs.logits.shape[1] != labels.shape[1]:
                 raise ValueError("`labels` need the logits of every position; leave logits_to_keep at 0.")
             label_weights = None if scale_batch is None else scale_batch.label_weights
+            labels = mask_image_labels(labels, call.get("input_ids"), self.config.image_token_id)
             loss = weighted_next_token_loss(outputs.logits, labels, label_weights)
         return MatryoshkaCausalLMOutputWithPast(
             **outputs,

@@ -4,8 +4,10 @@ from .collators import (
     TRAINING_BATCH_PREPARATIONS,
     TrainingBatchCollator,
     prepare_combiner_batch,
+    prepare_comm_batch,
     prepare_matryoshka_batch,
     training_collator,
+    unlabel_image_placeholders,
 )
 from .data import (
     SkipReport,
@@ -16,9 +18,18 @@ from .data import (
     shikra_to_messages,
     validate_samples,
 )
+from .provenance import RunProvenance, read_provenance
 from .recipes import load_recipe, make_tiny_dataset, parse_overrides, run_recipe
 from .stages import COMPONENTS, STAGES, Stage, apply_stage, component_of, get_stage, optimizer_groups
-from .trainer import CommSFTTrainer, build_trainer, default_sft_config, merge_lora_and_save, save_atomically
+from .trainer import (
+    CommSFTTrainer,
+    build_trainer,
+    default_sft_config,
+    lora_config_from_spec,
+    lora_target_modules,
+    merge_lora_and_save,
+    save_atomically,
+)
 
 
 __all__ = [
@@ -26,6 +37,7 @@ __all__ = [
     "STAGES",
     "TRAINING_BATCH_PREPARATIONS",
     "CommSFTTrainer",
+    "RunProvenance",
     "SkipReport",
     "Stage",
     "TrainingBatchCollator",
@@ -38,16 +50,21 @@ __all__ = [
     "llava_to_messages",
     "load_recipe",
     "load_source",
+    "lora_config_from_spec",
+    "lora_target_modules",
     "make_tiny_dataset",
     "merge_lora_and_save",
     "mix_datasets",
     "optimizer_groups",
     "parse_overrides",
     "prepare_combiner_batch",
+    "prepare_comm_batch",
     "prepare_matryoshka_batch",
+    "read_provenance",
     "run_recipe",
     "save_atomically",
     "shikra_to_messages",
     "training_collator",
+    "unlabel_image_placeholders",
     "validate_samples",
 ]

@@ -1,8 +1,12 @@
 """Training collators: each family's preparation of a collated batch for its training objective.
 
 Trainers may compute the loss outside the model: TRL's `SFTTrainer` scores tokens with its fused LM head, which calls
-the model's backbone without `labels`. Two families need the labels before the backbone runs:
+the model's backbone without `labels`. So the batch itself must hold the family's objective:
 
+* Every family: image placeholders are never targets (`mask_image_labels`, the rule of the models' own losses, as in
+  LLaVA). TRL's `DataCollatorForVisionLanguageModeling` labels them unless `assistant_only_loss=True`; a model that
+  learns them generates placeholders. This runs first, before the family's own preparation.
+* COMM (`comm`) needs nothing more.
 * M3 (`matryoshka_llava`) averages the loss over all trained scales: the batch is re-laid so every sample appears at
   every scale (`relay_training_inputs`, the code the model's own forward runs on `labels`), with uniform loss weights
   (packed rows, not the shared-prefix rows whose prefix weights only the model's own loss applies). A plain token mean
@@ -12,9 +16,10 @@ the model's backbone without `labels`. Two families need the labels before the b
   batch as `combiner_labels`, which the backbone reads.
 
 `TrainingBatchCollator` wraps any collator (TRL's `DataCollatorForVisionLanguageModeling`, which `SFTTrainer` builds
-for vision datasets) and applies the preparation registered for the config's `model_type` in
-`TRAINING_BATCH_PREPARATIONS`; batches of other families pass through unchanged. `build_trainer` installs it; with a
-plain `SFTTrainer`, pass it as `data_collator=`.
+for vision datasets), unlabels the image placeholders and applies the preparation registered for the config's
+`model_type` in `TRAINING_BATCH_PREPARATIONS`. `build_trainer` installs it. With a plain `SFTTrainer`, pass it as
+`data_collator=`: TRL has no hook into its own collator or its fused loss, so without it COMM trains on the
+placeholders, and M3 and the adaptive combiner refuse to train (their models check for the prepared batch).
 """
 
 from __future__ import annotations
@@ -26,7 +31,23 @@ from typing import Any
 import torch
 from transformers import PretrainedConfig
 
+from ..models.modeling_comm import mask_image_labels
 from ..models.packing_matryoshka import relay_training_inputs
+
+
+def unlabel_image_placeholders(config: PretrainedConfig, batch: dict) -> dict:
+    """Every family: the batch with `labels` `(B, T)` set to -100 where `input_ids` `(B, T)` holds the image
+    placeholder (`config.image_token_id`); batches without both pass through."""
+    labels, input_ids = batch.get("labels"), batch.get("input_ids")
+    image_token_id = getattr(config, "image_token_id", None)
+    if labels is None or input_ids is None or image_token_id is None:
+        return batch
+    return {**batch, "labels": mask_image_labels(labels, input_ids, image_token_id)}
+
+
+def prepare_comm_batch(config: PretrainedConfig, batch: dict, device_type: str, training: bool) -> dict:
+    """COMM: the plain next-token objective, so the batch as it is (its placeholders already unlabelled)."""
+    return batch
 
 
 def prepare_matryoshka_batch(config: PretrainedConfig, batch: dict, device_type: str, training: bool) -> dict:
@@ -60,6 +81,7 @@ TrainingBatchPreparation = Callable[[PretrainedConfig, dict, str, bool], dict]
 
 # model_type -> the preparation of a collated batch for that family's training objective.
 TRAINING_BATCH_PREPARATIONS: dict[str, TrainingBatchPreparation] = {
+    "comm": prepare_comm_batch,
     "matryoshka_llava": prepare_matryoshka_batch,
     "adaptive_combiner": prepare_combiner_batch,
 }
@@ -67,7 +89,8 @@ TRAINING_BATCH_PREPARATIONS: dict[str, TrainingBatchPreparation] = {
 
 @dataclasses.dataclass
 class TrainingBatchCollator:
-    """Collates with `collator`, then prepares the batch for the family's training objective.
+    """Collates with `collator`, sets the labels of image placeholders to -100 (every family), then prepares the batch
+    for the family's training objective (`TRAINING_BATCH_PREPARATIONS`).
 
     Example:
 
@@ -102,7 +125,7 @@ class TrainingBatchCollator:
         return torch.device(self.device).type
 
     def __call__(self, examples: list[Any]) -> dict:
-        batch = self.collator(examples)
+        batch = unlabel_image_placeholders(self.config, self.collator(examples))
         prepare = TRAINING_BATCH_PREPARATIONS.get(self.config.model_type)
         return batch if prepare is None else prepare(self.config, batch, self.device_type, self.training)
 
@@ -110,8 +133,8 @@ class TrainingBatchCollator:
 def training_collator(
     collator: Callable[[list], dict], config: PretrainedConfig, device: str | torch.device | None = None
 ) -> Callable[[list], dict]:
-    """`collator` wrapped in a `TrainingBatchCollator` when the family prepares its batches (else as it is; a
-    `TrainingBatchCollator` is never wrapped twice)."""
+    """`collator` wrapped in a `TrainingBatchCollator` for the families of `TRAINING_BATCH_PREPARATIONS` (else as it
+    is; a `TrainingBatchCollator` is never wrapped twice)."""
     if isinstance(collator, TrainingBatchCollator) or config.model_type not in TRAINING_BATCH_PREPARATIONS:
         return collator
     return TrainingBatchCollator(collator, config, device)
@@ -122,6 +145,8 @@ __all__ = [
     "TrainingBatchCollator",
     "TrainingBatchPreparation",
     "prepare_combiner_batch",
+    "prepare_comm_batch",
     "prepare_matryoshka_batch",
     "training_collator",
+    "unlabel_image_placeholders",
 ]

@@ -5,7 +5,8 @@ model: {pretrained: path-or-repo-id}   # or {assemble: {vision, text, family, ..
                                       # or a source of `register_model_source`
 stages:
   - stage: comm_pretrain            # a key of comm_vlm.training.stages.STAGES
-    dataset: {path: data/stage1.json, format: llava, image_folder: data/images}
+    dataset: {path: data/stage1.json, format: llava, image_folder: data/images}  # or parquet:, imagefolder:,
+                                    # hub: (with name, split), or mixture: [{..., weight}]; see training.data
     args: {learning_rate: 2.0e-5, lr_scheduler_type: cosine, per_device_train_batch_size: 8}  # any SFTConfig field
     learning_rates: {projector: 1.0e-4}  # optional: per-component learning rates, over the stage's own
     peft: {r: 16, lora_alpha: 32, target_modules: [q_proj, v_proj]}                        # optional LoRA
@@ -32,6 +33,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
 from .data import SkipReport, build_dataset
+from .provenance import RunProvenance
 from .stages import Stage, get_stage
 from .trainer import build_trainer, default_sft_config, save_atomically
 
@@ -52,8 +54,12 @@ def recipe_path(name_or_path: str) -> Path:
 
 
 def load_recipe(name_or_path: str, overrides: dict[str, Any] | None = None) -> dict:
-    """Reads a recipe and applies `overrides` (SFTConfig fields) to every stage's `args`."""
-    recipe = yaml.safe_load(recipe_path(name_or_path).read_text())
+    """Reads a recipe and applies `overrides` (SFTConfig fields) to every stage's `args`.
+
+    The result's `loaded_from` (`path`, `overrides` as given) goes into the run's `training_provenance.json`.
+    """
+    path = recipe_path(name_or_path)
+    recipe = yaml.safe_load(path.read_text())
     if not isinstance(recipe, dict) or not recipe.get("stages"):
         raise ValueError(f"Recipe {name_or_path!r} needs a `model` and a non-empty `stages` list.")
     for i, stage in enumerate(recipe["stages"]):
@@ -61,6 +67,7 @@ def load_recipe(name_or_path: str, overrides: dict[str, Any] | None = None) -> d
         if "dataset" not in stage:
             raise ValueError(f"Recipe {name_or_path!r}, stage {i}: missing `dataset`.")
         stage["args"] = {**stage.get("args", {}), **(overrides or {})}
+    recipe["loaded_from"] = {"path": str(path), "overrides": dict(overrides or {})}
     return recipe
 
 
@@ -133,7 +140,9 @@ class StageResult:
 
 def _pretrained(path: str, source: dict, run_dir: Path):
     dtype = source.get("dtype", "float32")
-    return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype), AutoProcessor.from_pretrained(path)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
+    vars(model.config).pop("auto_map", None)  # a source's remote code is not in this run's checkpoints
+    return model, AutoProcessor.from_pretrained(path)
 
 
 def _assembled(parts: dict, source: dict, run_dir: Path):
@@ -200,6 +209,7 @@ def run_recipe(recipe: dict, output_dir: str | os.PathLike, callbacks=None) -> l
     with state.main_process_first():
         model, processor = _load_model(recipe["model"], run_dir)
     results = []
+    provenance = RunProvenance(recipe, run_dir)  # written to the run directory and each final/ (main process)
     for k, spec in enumerate(recipe["stages"]):
         stage = stage_with_learning_rates(spec)
         stage_dir = run_dir / f"{k}-{stage.name}"
@@ -214,11 +224,7 @@ def run_recipe(recipe: dict, output_dir: str | os.PathLike, callbacks=None) -> l
         args = dict(spec["args"])
         resume = args.pop("resume", False)
         sft_args = default_sft_config(stage_dir / "checkpoints", **args)
-        peft_config = None
-        if spec.get("peft"):
-            from peft import LoraConfig
-
-            peft_config = LoraConfig(task_type="CAUSAL_LM", **spec["peft"])
+        peft_config = spec.get("peft") or None  # a mapping: `lora_config_from_spec` resolves it inside `build_trainer`
         trainer = build_trainer(
             model, processor, dataset, stage, sft_args, peft_config=peft_config, callbacks=callbacks
         )
@@ -227,11 +233,25 @@ def run_recipe(recipe: dict, output_dir: str | os.PathLike, callbacks=None) -> l
         )
         output = trainer.train(resume_from_checkpoint=checkpoint)
         final_dir = stage_dir / "final"
+        provenance.add_stage(
+            k,
+            spec,
+            stage,
+            trainer,
+            output,
+            dataset_spec=dataset_spec,
+            report=report,
+            train_rows=len(dataset),
+            resumed_from=checkpoint,
+            final_dir=final_dir,
+        )
         model = trainer.model
         if peft_config is not None:
             model = model.merge_and_unload()
         if trainer.args.should_save:
-            save_atomically(model, processor, final_dir)
+            extra = provenance.final_files(model.config, final_dir)
+            save_atomically(model, processor, final_dir, remote_code=True, write_extra=extra)
+            provenance.write()
         state.wait_for_everyone()
         logger.warning(f"Stage {stage.name} done: {final_dir}; {report}")
         results.append(
@@ -239,4 +259,5 @@ def run_recipe(recipe: dict, output_dir: str | os.PathLike, callbacks=None) -> l
         )
         if k + 1 < len(recipe["stages"]):
             model = AutoModelForImageTextToText.from_pretrained(final_dir, dtype="float32")
+            vars(model.config).pop("auto_map", None)  # final/'s remote code is not in the next stage's checkpoints
     return results

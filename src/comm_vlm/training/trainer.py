@@ -1,10 +1,11 @@
 """The training engine: TRL's `SFTTrainer` (Accelerate underneath) with a stage's trainable set and optimiser groups.
 
-`build_trainer` freezes what the stage does not train, optionally wraps the LLM with PEFT LoRA (the stage's other
-components saved in full through `modules_to_save`), and returns an `SFTTrainer` whose optimiser has one group per
-(learning rate, weight decay) pair. TRL's vision collator renders the chat template, expands image placeholders through
-our processor and masks everything but assistant tokens (`assistant_only_loss=True`); the trainer wraps it in the
-family's `TrainingBatchCollator` (M3 re-lays every batch for all its scales; the adaptive combiner gets
+`build_trainer` freezes what the stage does not train, optionally adds PEFT LoRA adapters to the LLM's linear layers
+(or those of the components a recipe names; every other component keeps its weights, and the stage's other trained
+components train and save in full through `modules_to_save`), and returns an `SFTTrainer` whose optimiser has one
+group per (learning rate, weight decay) pair. TRL's vision collator renders the chat template, expands image
+placeholders through our processor and masks everything but assistant tokens (`assistant_only_loss=True`); the trainer
+wraps it in the family's `TrainingBatchCollator` (M3 re-lays every batch for all its scales; the adaptive combiner gets
 `combiner_labels`, which keep the answer out of its fused tokens), so the loss TRL computes outside the model is the
 family's objective.
 """
@@ -12,20 +13,25 @@ family's objective.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from datasets import Dataset
+from torch import nn
 from transformers import PreTrainedModel, ProcessorMixin
+from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging
 from trl import SFTConfig, SFTTrainer
 
 from .collators import TrainingBatchCollator, training_collator
-from .stages import COMPONENTS, Stage, apply_stage, get_stage, optimizer_groups
+from .stages import COMPONENTS, Stage, apply_stage, component_of, get_stage, optimizer_groups
 
 
 logger = logging.get_logger(__name__)
@@ -170,6 +176,169 @@ def default_sft_config(output_dir: str | os.PathLike, **overrides) -> SFTConfig:
     return SFTConfig(**fields)
 
 
+# The layers LoRA adapts, as PEFT's `"all-linear"`: `nn.Linear` and transformers' GPT-2-style `Conv1D`.
+LORA_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D)
+DEFAULT_LORA_COMPONENTS: tuple[str, ...] = ("llm",)
+
+
+def lora_target_modules(
+    model: nn.Module, target_modules: str | Sequence[str] | None, components: Sequence[str] = DEFAULT_LORA_COMPONENTS
+) -> list[str] | str:
+    """The full names of the modules LoRA adapts: `target_modules` resolved inside `components` only.
+
+    PEFT matches a name like `q_proj` anywhere in the model, CLIP's attention included; resolved here, a name can only
+    reach the linear layers of the components named.
+
+    Args:
+        model (`nn.Module`): a `*ForConditionalGeneration` model (module names as in `COMPONENTS`).
+        target_modules (`str`, `list[str]` or `None`): module-name suffixes (`["q_proj", "v_proj"]`) or full module
+            names; `"all-linear"` (every linear layer of the components); `None` (PEFT's default names for the LLM's
+            architecture); or any other string, a regular expression PEFT matches against full module names, which
+            is explicit and returned as it is.
+        components (`Sequence[str]`): keys of `COMPONENTS` whose linear layers names may resolve to (default: the LLM).
+
+    Returns:
+        `list[str]`: sorted full module names, each a `LORA_LAYER_TYPES` layer and never the LM head; or the regular
+        expression.
+
+    Raises:
+        ValueError: an unknown component, or a target that names no linear layer inside `components`.
+    """
+    unknown = sorted(set(components) - set(COMPONENTS))
+    if unknown or not components:
+        raise ValueError(f"LoRA `components` {list(components)}: each must be one of {sorted(COMPONENTS)}.")
+    if isinstance(target_modules, str) and target_modules.lower() != "all-linear":
+        return target_modules
+    modules = dict(model.named_modules())
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    linear = {
+        name: module
+        for name, module in modules.items()
+        if isinstance(module, LORA_LAYER_TYPES) and module is not head and component_of(name) in components
+    }
+    if target_modules is None:
+        from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as defaults
+
+        model_type = model.config.get_text_config().model_type
+        if model_type not in defaults:
+            raise ValueError(f"PEFT has no default LoRA targets for {model_type!r}: give `target_modules`.")
+        target_modules = defaults[model_type]
+    if isinstance(target_modules, str):  # "all-linear"
+        names = sorted(linear)
+    else:
+        names, missing = set(), []
+        for target in target_modules:
+            if _is_full_name(target, modules) and modules[target] is not head:
+                hits = [target]
+            else:
+                hits = [n for n in linear if n == target or n.endswith(f".{target}")]
+            names.update(hits)
+            missing += [] if hits else [target]
+        if missing:
+            suffixes = sorted({name.rsplit(".", 1)[-1] for name in linear})
+            raise ValueError(
+                f"LoRA target(s) {missing} name no linear layer of the components {list(components)} (the LM head is "
+                f"never adapted; train it in full with `modules_to_save`). Their linear layers end in {suffixes}: "
+                "name some of those or use 'all-linear', add the component to `components`, or give a regular "
+                "expression over full module names."
+            )
+        names = sorted(names)
+    if not names:
+        raise ValueError(f"The components {list(components)} of {type(model).__name__} have no linear layer for LoRA.")
+    return names
+
+
+def _is_full_name(target: str, modules: dict[str, nn.Module]) -> bool:
+    """Whether `target` is the full name of a LoRA-able layer of the model (then taken as given, in any component)."""
+    return "." in target and isinstance(modules.get(target), LORA_LAYER_TYPES)
+
+
+def _names_modules(target_modules: str | Sequence[str] | None, modules: dict[str, nn.Module]) -> bool:
+    """Whether `target_modules` picks modules itself: a regular expression, or full module names only."""
+    if isinstance(target_modules, str):
+        return target_modules.lower() != "all-linear"
+    return bool(target_modules) and all(_is_full_name(t, modules) for t in target_modules)
+
+
+def _modules_to_save(model: nn.Module, components: Sequence[str]) -> set[str]:
+    """The `modules_to_save` names that train `components` in full: the top module of each under the backbone
+    (`connector` for merges and aligners: PEFT copies whole modules), present in `model`."""
+    present = {name for name, _ in model.named_modules()}
+    names = set()
+    for component in components:
+        for prefix in COMPONENTS[component]:
+            parts = prefix.rstrip(".").split(".")
+            path = ".".join(parts[:2]) if parts[0] == "model" else parts[0]
+            if path in present:
+                names.add(path.rsplit(".", 1)[-1])
+    return names
+
+
+def _lora_config_for_stage(peft_config, model: nn.Module, stage: Stage, components: Sequence[str] | None = None):
+    """A copy of `peft_config` with explicit `target_modules` (`lora_target_modules` inside `components`, the LLM by
+    default) and the stage's other trained components in `modules_to_save`."""
+    config = copy.deepcopy(peft_config)
+    adapted = set()
+    if hasattr(config, "target_modules"):
+        targets = lora_target_modules(model, config.target_modules, components or DEFAULT_LORA_COMPONENTS)
+        config.target_modules = targets
+        if isinstance(targets, str):
+            from peft.tuners.tuners_utils import check_target_module_exists
+
+            targets = [name for name, _ in model.named_modules() if check_target_module_exists(config, name)]
+        adapted = {component_of(name) for name in targets}
+        frozen = sorted(c for c in adapted if c not in stage.trains)
+        given = _names_modules(peft_config.target_modules, dict(model.named_modules()))
+        if frozen and components is None and not given:
+            raise ValueError(
+                f"Stage {stage.name!r} freezes {frozen}, which LoRA adapts by default. Drop `peft` from this stage, "
+                "or name the components to adapt (the recipe's `peft: {components: [...]}`)."
+            )
+    if hasattr(config, "modules_to_save"):
+        full = [c for c in stage.trains if c not in adapted]
+        config.modules_to_save = sorted(set(config.modules_to_save or []) | _modules_to_save(model, full))
+    return config
+
+
+def lora_config_from_spec(spec: Mapping[str, Any], model: nn.Module, stage: Stage | str):
+    """A recipe's `peft:` mapping as the `peft.LoraConfig` that `build_trainer` trains `model` with in `stage`.
+
+    The mapping holds `LoraConfig` arguments (`task_type` defaults to `CAUSAL_LM`) and, optionally, `components`: the
+    components whose linear layers LoRA adapts (keys of `COMPONENTS`; default `[llm]`). `target_modules` is resolved
+    inside them (`lora_target_modules`); the stage's other trained components train in full (`modules_to_save`), and
+    every other component keeps its weights. E.g. `{r: 16, lora_alpha: 32, target_modules: [q_proj, v_proj]}` adapts
+    the LLM's query and value projections only; `components: [llm, vision_towers]` adds the encoders'.
+
+    Args:
+        spec (`Mapping[str, Any]`): the recipe stage's `peft:` mapping.
+        model (`nn.Module`): the model the stage trains.
+        stage (`Stage` or `str`): the stage.
+
+    Returns:
+        `peft.LoraConfig` with explicit `target_modules` and `modules_to_save`.
+    """
+    from peft import LoraConfig
+
+    if not isinstance(spec, Mapping):
+        raise ValueError(
+            f"`peft` must map LoraConfig arguments to values, e.g. {{r: 16, target_modules: [q_proj]}}; got {spec!r}."
+        )
+    fields = dict(spec)
+    components = fields.pop("components", None)
+    if isinstance(components, str):
+        components = [components]
+    if components is not None and not (isinstance(components, Sequence) and components):
+        raise ValueError(f"`peft.components` must list components among {sorted(COMPONENTS)}, got {components!r}.")
+    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(LoraConfig)})
+    if unknown:
+        raise ValueError(
+            f"`peft` has unknown key(s) {unknown}: it takes `components` and the arguments of `peft.LoraConfig`."
+        )
+    fields.setdefault("task_type", "CAUSAL_LM")
+    stage = get_stage(stage) if isinstance(stage, str) else stage
+    return _lora_config_for_stage(LoraConfig(**fields), model, stage, components)
+
+
 def build_trainer(
     model: PreTrainedModel,
     processor: ProcessorMixin,
@@ -183,16 +352,21 @@ def build_trainer(
     """Freezes `model` per `stage` and builds the trainer.
 
     Args:
-        peft_config: a PEFT `LoraConfig` (or any PEFT config). LoRA targets the LLM; the stage's non-LLM components
-            are added to `modules_to_save` so they train and save in full.
+        peft_config (`peft.PeftConfig` or `Mapping`, *optional*): a PEFT config (e.g. `LoraConfig`), or a recipe's
+            `peft:` mapping (`lora_config_from_spec`, which may name the adapted `components`). Its `target_modules`
+            resolve inside the LLM unless the mapping names other components (`lora_target_modules`): a frozen
+            encoder is never adapted by a name it happens to share. The stage's other trained components are added to
+            `modules_to_save`, so they train and save in full.
     """
     stage = get_stage(stage) if isinstance(stage, str) else stage
     counts = apply_stage(model, stage)
     logger.info(f"Stage {stage.name}: trainable parameters per component {counts}")
+    if isinstance(peft_config, Mapping):
+        peft_config = lora_config_from_spec(peft_config, model, stage)
+    elif peft_config is not None:
+        peft_config = _lora_config_for_stage(peft_config, model, stage)
     if peft_config is not None:
-        full = [c for c in stage.trains if c != "llm" and counts.get(c)]
-        modules = sorted({prefix.split(".")[1] for c in full for prefix in COMPONENTS[c]})
-        peft_config.modules_to_save = sorted(set(peft_config.modules_to_save or []) | set(modules))
+        logger.info(f"LoRA adapts {peft_config.target_modules}; trained in full: {peft_config.modules_to_save}")
     if args.activation_checkpointing:
         # Frozen encoders produce inputs without grad; make the LLM's checkpointed blocks still backprop.
         model.enable_input_require_grads()
@@ -208,18 +382,32 @@ def build_trainer(
     )
 
 
-def save_atomically(model: PreTrainedModel, processor: ProcessorMixin | None, output_dir: str | os.PathLike) -> Path:
+def save_atomically(
+    model: PreTrainedModel,
+    processor: ProcessorMixin | None,
+    output_dir: str | os.PathLike,
+    *,
+    remote_code: bool = False,
+    write_extra: Callable[[Path], None] | None = None,
+) -> Path:
     """Writes `save_pretrained` output to a temporary sibling directory, then renames it into place.
 
     A crash mid-write leaves the previous `output_dir` (if any) untouched; readers never see a half-written one.
+
+    Args:
+        remote_code (`bool`): also write the modeling code and `auto_map` (`comm_vlm.hub.remote_code_export`), so
+            `trust_remote_code=True` loads the directory without comm-vlm. When the written code would need the
+            package (`check_remote_code`), the directory is written without it and a warning says so.
+        write_extra (`Callable[[Path], None]`, *optional*): writes more files (a model card, a training record) into
+            the temporary directory after the model and processor, so they appear together with them.
     """
     output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        if processor is not None:
-            processor.save_pretrained(tmp)
+        _save_pretrained(model, processor, tmp, remote_code)
+        if write_extra is not None:
+            write_extra(tmp)
         old = None
         if output_dir.exists():
             old = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
@@ -231,6 +419,28 @@ def save_atomically(model: PreTrainedModel, processor: ProcessorMixin | None, ou
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return output_dir
+
+
+def _save_pretrained(
+    model: PreTrainedModel, processor: ProcessorMixin | None, directory: Path, remote_code: bool
+) -> None:
+    if remote_code:
+        from ..hub.remote_code import check_remote_code, remote_code_export
+
+        with remote_code_export(model, processor):
+            model.save_pretrained(directory, safe_serialization=True)
+            if processor is not None:
+                processor.save_pretrained(directory)
+        try:
+            check_remote_code(directory)
+            return
+        except ValueError as err:
+            logger.warning(f"Saving without the modeling code (load the checkpoint after `import comm_vlm`): {err}")
+            shutil.rmtree(directory)
+            directory.mkdir()
+    model.save_pretrained(directory, safe_serialization=True)
+    if processor is not None:
+        processor.save_pretrained(directory)
 
 
 def merge_lora_and_save(model, processor: ProcessorMixin | None, output_dir: str | os.PathLike) -> PreTrainedModel:
