@@ -127,3 +127,13 @@ def test_recipe_peft_keeps_frozen_encoders(tmp_path):
     assert before and all(torch.equal(before[name], after[name]) for name in before)
     name = "model.language_model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(init.state_dict()[name], final.state_dict()[name])
+
+
+def test_learning_rates_reach_peft_copies_of_trained_components():
+    from comm_vlm.training.stages import component_of
+
+    saved = "base_model.model.model.connector.modules_to_save.default.merges.0.layer_logits"
+    assert component_of(saved) == "merges"  # so `learning_rates: {merges: ...}` applies under LoRA
+    assert component_of("base_model.model.model.multi_modal_projector.original_module.linear_1.weight") == "projector"
+    lora = "base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.default.weight"
+    assert component_of(lora) == "llm"

@@ -12,6 +12,7 @@ models. Everything not named is frozen (`requires_grad=False`), so frozen encode
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -96,9 +97,15 @@ def get_stage(name: str) -> Stage:
     return STAGES[name]
 
 
+# PEFT's copies of a `modules_to_save` module: `<module>.modules_to_save.<adapter>.<rest>` (trained) and
+# `<module>.original_module.<rest>` (frozen), both named here as `<module>.<rest>`.
+_PEFT_COPY = re.compile(r"\.(?:modules_to_save\.[^.]+|original_module)\.")
+
+
 def component_of(param_name: str) -> str | None:
-    """The component a parameter belongs to (prefixes as in `COMPONENTS`; PEFT's `base_model.model.` is ignored)."""
-    name = param_name.removeprefix("base_model.model.")
+    """The component a parameter belongs to (prefixes as in `COMPONENTS`; PEFT's `base_model.model.` prefix and its
+    `modules_to_save` copies are seen through)."""
+    name = _PEFT_COPY.sub(".", param_name.removeprefix("base_model.model."), count=1)
     for component, prefixes in COMPONENTS.items():
         if name.startswith(prefixes):
             return component
