@@ -224,8 +224,9 @@ class GatedCrossAttentionBlock(nn.Module):
         self.mlp = CombinerMLP(hidden_size, mlp_ratio, hidden_act)
         self.gating = gating
         if gating:
-            self.attn_gate = nn.Parameter(torch.zeros(()))  # alpha
-            self.mlp_gate = nn.Parameter(torch.zeros(()))  # beta
+            # (1,), not 0-d: FSDP2 (`fully_shard`) refuses scalar parameters.
+            self.attn_gate = nn.Parameter(torch.zeros(1))  # alpha
+            self.mlp_gate = nn.Parameter(torch.zeros(1))  # beta
 
     def gates(self) -> tuple[torch.Tensor | float, torch.Tensor | float]:
         """`(tanh(alpha), tanh(beta))`, or `(1.0, 1.0)` without gating."""

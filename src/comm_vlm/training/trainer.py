@@ -59,6 +59,14 @@ class CommSFTTrainer(SFTTrainer):
         super().__init__(*args, **kwargs)
         config = self.accelerator.unwrap_model(self.model).config
         self.data_collator = training_collator(self.data_collator, config, self.args.device)
+        launched = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DEEPSPEED"}
+        for variable, kind in launched.items():
+            if os.environ.get(variable, "false").lower() == "true" and self.accelerator.distributed_type.name != kind:
+                logger.warning(
+                    f"Launched with an {kind} config, but Accelerate runs {self.accelerator.distributed_type.name}: "
+                    f"{kind} needs an accelerator (on a CPU-only machine Accelerate falls back to plain data "
+                    "parallelism, every rank holding the whole model)."
+                )
 
     @contextlib.contextmanager
     def _evaluation_collator(self):
