@@ -228,6 +228,13 @@ def run_recipe(recipe: dict, output_dir: str | os.PathLike, callbacks=None) -> l
         trainer = build_trainer(
             model, processor, dataset, stage, sft_args, peft_config=peft_config, callbacks=callbacks
         )
+        plugin = trainer.accelerator.state.deepspeed_plugin
+        sharded = trainer.is_fsdp_enabled or (plugin is not None and plugin.zero_stage == 3)
+        if sharded and peft_config is not None:
+            raise ValueError(
+                f"Stage {stage.name!r}: a LoRA stage merges its adapters into `final/`, which needs the whole model "
+                "in one process; with FSDP or ZeRO-3 the weights are sharded. Run LoRA stages with DDP or ZeRO-2."
+            )
         checkpoint = (
             get_last_checkpoint(sft_args.output_dir) if resume and Path(sft_args.output_dir).exists() else None
         )
@@ -245,12 +252,15 @@ def run_recipe(recipe: dict, output_dir: str | os.PathLike, callbacks=None) -> l
             resumed_from=checkpoint,
             final_dir=final_dir,
         )
-        model = trainer.model
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        state_dict = None
+        if sharded:  # every rank takes part in gathering the shards; the main process writes them
+            state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
         if peft_config is not None:
             model = model.merge_and_unload()
         if trainer.args.should_save:
             extra = provenance.final_files(model.config, final_dir)
-            save_atomically(model, processor, final_dir, remote_code=True, write_extra=extra)
+            save_atomically(model, processor, final_dir, remote_code=True, write_extra=extra, state_dict=state_dict)
             provenance.write()
         state.wait_for_everyone()
         logger.warning(f"Stage {stage.name} done: {final_dir}; {report}")

@@ -397,6 +397,7 @@ def save_atomically(
     *,
     remote_code: bool = False,
     write_extra: Callable[[Path], None] | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Writes `save_pretrained` output to a temporary sibling directory, then renames it into place.
 
@@ -408,12 +409,14 @@ def save_atomically(
             package (`check_remote_code`), the directory is written without it and a warning says so.
         write_extra (`Callable[[Path], None]`, *optional*): writes more files (a model card, a training record) into
             the temporary directory after the model and processor, so they appear together with them.
+        state_dict (`dict[str, torch.Tensor]`, *optional*): the weights to write instead of `model.state_dict()`, e.g.
+            the full weights gathered from ZeRO-3 / FSDP shards (`Accelerator.get_state_dict`).
     """
     output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
     try:
-        _save_pretrained(model, processor, tmp, remote_code)
+        _save_pretrained(model, processor, tmp, remote_code, state_dict)
         if write_extra is not None:
             write_extra(tmp)
         old = None
@@ -430,13 +433,17 @@ def save_atomically(
 
 
 def _save_pretrained(
-    model: PreTrainedModel, processor: ProcessorMixin | None, directory: Path, remote_code: bool
+    model: PreTrainedModel,
+    processor: ProcessorMixin | None,
+    directory: Path,
+    remote_code: bool,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> None:
     if remote_code:
         from ..hub.remote_code import check_remote_code, remote_code_export
 
         with remote_code_export(model, processor):
-            model.save_pretrained(directory, safe_serialization=True)
+            model.save_pretrained(directory, safe_serialization=True, state_dict=state_dict)
             if processor is not None:
                 processor.save_pretrained(directory)
         try:
@@ -446,7 +453,7 @@ def _save_pretrained(
             logger.warning(f"Saving without the modeling code (load the checkpoint after `import comm_vlm`): {err}")
             shutil.rmtree(directory)
             directory.mkdir()
-    model.save_pretrained(directory, safe_serialization=True)
+    model.save_pretrained(directory, safe_serialization=True, state_dict=state_dict)
     if processor is not None:
         processor.save_pretrained(directory)
 
