@@ -62,7 +62,7 @@ def test_importing_and_asking_for_help_loads_nothing_heavy():
         "import sys\n"
         "from comm_vlm.cli import build_parser\n"
         "parser = build_parser()\n"
-        "for command in ('demo', 'layer-study', 'plumbing', 'train', 'assemble', 'convert', 'push'):\n"
+        "for command in ('demo', 'layer-study', 'plumbing', 'train', 'assemble', 'convert', 'push', 'evaluate'):\n"
         "    try:\n"
         "        parser.parse_args([command, '--help'])\n"
         "    except SystemExit:\n"

@@ -128,7 +128,7 @@ def test_each_image_is_fused_with_its_own_row_separately(model):
     pixels = torch.randn(3, 3, 28, 28)
     with torch.no_grad():
         out = fused(model, input_ids=ids, pixel_values=pixels, attention_mask=mask).view(3, N, -1)
-        visual = model.model.get_image_features(pixels).last_hidden_state
+        visual = torch.stack(model.model.get_image_features(pixels).pooler_output)
         embeds = model.get_input_embeddings()(ids)
         text_masks = (ids != IMAGE_TOKEN_ID) & mask.bool()
         for image, row in enumerate([0, 0, 1]):

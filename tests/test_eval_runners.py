@@ -57,6 +57,8 @@ def test_gold_answers_score_perfectly(dataset):
     rows = [dict(r) for r in dataset]
     for task, spec in TASK_SPECS.items():
         task_rows = [r for r in rows if r["task"] == task]
+        if task not in TASKS:  # the published benchmarks' own tasks (MME, GQA): tests/test_benchmarks.py
+            continue
         score = spec.score([r["answer"] for r in task_rows], task_rows)
         if score.correct is not None:
             assert all(score.correct) and score.metrics[spec.primary] == pytest.approx(1.0)

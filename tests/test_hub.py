@@ -392,6 +392,7 @@ def test_card_errors_name_the_problem():
 
 REMOTE_CODE = {
     "comm": {
+        "checkpoint_files.py",
         "configuration_comm.py",
         "feature_merging.py",
         "image_utils.py",

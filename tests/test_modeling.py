@@ -199,8 +199,8 @@ def test_mae_is_deterministic_without_masking():
     model = CommForConditionalGeneration(tiny_comm_config("comm", **CASES["mae"])).eval()
     pixels = torch.randn(1, 3, 28, 28)
     with torch.no_grad():
-        a = model.model.get_image_features(pixels).last_hidden_state
-        b = model.model.get_image_features(pixels).last_hidden_state
+        a = torch.stack(model.model.get_image_features(pixels).pooler_output)
+        b = torch.stack(model.model.get_image_features(pixels).pooler_output)
     assert torch.equal(a, b) and a.shape[1] == 16
 
 

@@ -57,7 +57,8 @@ def parts(tmp_path_factory):
     dino = Dinov2Model(Dinov2Config(**TINY_WIDTHS, **dino_geometry, mlp_ratio=2)).eval()
     dino.save_pretrained(root / "dino")
     tokenizer = build_tiny_tokenizer(with_image_token=False)
-    text = {k: v for k, v in tiny_text_config(len(tokenizer)).items() if k != "model_type"}
+    text = tiny_text_config(len(tokenizer), max_position_embeddings=1024)  # 576 visual tokens and the text
+    text = {k: v for k, v in text.items() if k != "model_type"}
     LlamaForCausalLM(LlamaConfig(**text)).save_pretrained(root / "llm")
     tokenizer.save_pretrained(root / "llm")
     return {"root": root, "dino": dino}

@@ -7,6 +7,7 @@
     comm-vlm assemble OUT --vision ID --text ID [--secondary-vision ID] [--family F] [--set KEY=VALUE ...] ...
     comm-vlm convert --from {llava-hf,llava-original,comm-vlm} SRC DST [--to FAMILY] [--vision-tower P] ...
     comm-vlm push SRC REPO_ID [--card CARD.json] [--recipe NAME] [--max-shard-size 5GB] [--local-dir DIR] ...
+    comm-vlm evaluate --model DIR --task NAME --data FILE [FILE ...] [--images DIR] [--split S] [--limit N] ...
 
 `demo` runs the main job (`comm_vlm.demo.main_job`): tiny COMM, Matryoshka-LLaVA and adaptive-combiner models trained
 through both stages on synthetic scenes, evaluated against chance/majority baselines, saved, reloaded and served.
@@ -19,6 +20,8 @@ on every process (configs in `comm_vlm/accelerate_configs/`). `assemble` builds 
 an LLM (`comm_vlm.assemble`); `convert` turns a LLaVA-1.5 checkpoint into a `comm` or `matryoshka_llava` one
 (`comm_vlm.convert`), or derives M3 or the combiner from a checkpoint of this package (`comm_vlm.derive`); `push`
 uploads a saved checkpoint with remote code and a model card, or writes that repo to `--local-dir` (`comm_vlm.hub`).
+`evaluate` scores a checkpoint on a published benchmark read from its own files (`comm_vlm.evaluation.benchmarks`),
+writes the results, the table and the predictions, and the model-index entries `push --card` takes.
 
 Bad input (a `ValueError` or `OSError`, e.g. a missing directory or an unknown recipe) prints one line,
 `comm-vlm COMMAND: error: ...`, and exits with status 2. Everything heavy is imported inside the commands, so `--help`
@@ -38,6 +41,11 @@ from typing import Any
 
 
 USER_ERRORS = (ValueError, OSError)
+# The names of `comm_vlm.evaluation.benchmarks.BENCHMARKS`, listed here so that `--help` imports nothing heavy.
+EVALUATE_TASKS = (
+    "pope", "refcoco", "refcoco+", "refcocog", "refcocog_reg", "vqav2", "okvqa", "coco_caption", "flickr30k", "mme",
+    "gqa", "textvqa",
+)  # fmt: skip
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -187,6 +195,48 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
     push.add_argument("--commit-message", help='commit message (default: "Upload <model class> with comm-vlm")')
     push.add_argument("--local-dir", help="write the repo's files here instead of uploading (default: upload)")
+
+    evaluate = add_command("evaluate", "score a checkpoint on a published benchmark read from its own files")
+    evaluate.add_argument("--model", required=True, help="checkpoint directory or Hub repo id")
+    evaluate.add_argument(
+        "--task",
+        required=True,
+        choices=EVALUATE_TASKS,
+        metavar="NAME",
+        help="the benchmark: %(choices)s (docs/evaluation.md)",
+    )
+    evaluate.add_argument(
+        "--data",
+        required=True,
+        nargs="+",
+        metavar="PATH",
+        help="the benchmark's files, a folder of them, or a dataset id already in the local Hugging Face cache "
+        "(nothing is downloaded)",
+    )
+    evaluate.add_argument(
+        "--images", help="folder of the images the files name (default: none; parquet files hold their images)"
+    )
+    evaluate.add_argument(
+        "--split",
+        help="e.g. testA (RefCOCO), adversarial (POPE), val (Karpathy) (default: the split the files state, else "
+        "the benchmark's first)",
+    )
+    evaluate.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (greedy, left-padded)")
+    evaluate.add_argument("--limit", type=int, help="score only the first N rows (default: all)")
+    evaluate.add_argument("--max-new-tokens", type=int, help="generation length (default: the task's)")
+    evaluate.add_argument(
+        "--matryoshka-scale",
+        nargs="+",
+        metavar="SCALE",
+        help="M3 visual tokens per image: one scale, several, or `all` (several and all add the oracle analysis and "
+        "the accuracy-vs-tokens plot) (default: the processor's)",
+    )
+    evaluate.add_argument(
+        "--prompt", help="question template with {question}, {expression} or {box} (default: the benchmark's)"
+    )
+    evaluate.add_argument("--output-dir", default="outputs/eval", help="where results, tables and predictions go")
+    evaluate.add_argument("--dtype", help="weight dtype, e.g. bfloat16 (default: the checkpoint's)")
+    evaluate.add_argument("--device", help="e.g. cuda:0 or cpu (default: cuda when available, else cpu)")
     return parser
 
 
@@ -392,6 +442,51 @@ def _push(args: argparse.Namespace) -> int:
     return 0
 
 
+def matryoshka_scales(values: list[str] | None) -> int | list[int] | str | None:
+    """`--matryoshka-scale` values as `evaluate_benchmark` takes them: None, one int, a list, or `"all"`."""
+    if not values:
+        return None
+    if values == ["all"]:
+        return "all"
+    try:
+        scales = [int(v) for v in values]
+    except ValueError:
+        raise ValueError(f"--matryoshka-scale takes integers or `all`, got {' '.join(values)!r}") from None
+    if min(scales) < 1:
+        raise ValueError(f"--matryoshka-scale takes positive token counts, got {scales}")
+    return scales[0] if len(scales) == 1 else scales
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    scales = matryoshka_scales(args.matryoshka_scale)
+    for option, value in (("--batch-size", args.batch_size), ("--max-new-tokens", args.max_new_tokens)):
+        if value is not None and value < 1:
+            raise ValueError(f"{option} must be positive, got {value}")
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from .evaluation.benchmark_runs import evaluate_benchmark
+    from .evaluation.benchmarks import load_benchmark
+
+    dataset = load_benchmark(args.task, args.data, args.images, args.split, args.limit, args.prompt)
+    processor = AutoProcessor.from_pretrained(args.model)
+    if scales is not None and not hasattr(processor, "matryoshka_scales"):
+        raise ValueError(
+            f"--matryoshka-scale needs a Matryoshka (M3) model; {args.model} has a {type(processor).__name__}, which "
+            "takes no scale. Leave the option out for this model."
+        )
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=args.dtype or "auto").to(device)
+    run = evaluate_benchmark(
+        model, processor, args.task, dataset, args.output_dir, scales, args.batch_size, args.max_new_tokens
+    )
+    sys.stdout.write(
+        f"{run.table}\n\nwrote {run.folder}: {', '.join(run.files)}\nmodel-index entries in {run.eval_results} "
+        f"(comm-vlm push {args.model} REPO_ID --card {run.eval_results})\n"
+    )
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "demo": _main_job,
     "layer-study": _layer_study,
@@ -400,6 +495,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "assemble": _assemble,
     "convert": _convert,
     "push": _push,
+    "evaluate": _evaluate,
 }
 
 

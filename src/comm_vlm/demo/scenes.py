@@ -25,6 +25,8 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
+from ..prompts import CAPTION_PROMPT, REC_PROMPT, REG_PROMPT, SHORT_ANSWER
+
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -36,11 +38,10 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("square", "circle", "triangle")
 SIZES = ("small", "large")
-SHORT_ANSWER = "Answer the question using a single word or phrase."  # LLaVA-1.5's VQAv2 / POPE prompt suffix
 PROMPTS: dict[str, str] = {
-    "rec": "Please provide the bounding box coordinate of the region this sentence describes: {expression}.",
-    "reg": "Please provide a short description for this region: {box}.",
-    "caption": "Describe the image briefly.",
+    "rec": REC_PROMPT,
+    "reg": REG_PROMPT,
+    "caption": CAPTION_PROMPT,
     "pope": "Is there {article} {object} in the image? " + SHORT_ANSWER,
     "colour": "What colour is the {shape}? " + SHORT_ANSWER,
     "shape": "What shape is the {colour} object? " + SHORT_ANSWER,

@@ -5,12 +5,17 @@
 * `tasks`: the task registry (metric, generation length, baseline per task).
 * `runners`: `evaluate` (one model) and `evaluate_matryoshka` (every M3 scale, oracle analysis, accuracy-vs-tokens
   plot).
+* `benchmarks`: the published benchmarks read from their own files (`BENCHMARKS`, `load_benchmark`);
+  `benchmark_runs.evaluate_benchmark` is one `comm-vlm evaluate` run (results, predictions, model-index entries).
 """
 
+from .benchmark_runs import evaluate_benchmark
+from .benchmarks import BENCHMARKS, Benchmark, load_benchmark
 from .metrics import (
     box_iou,
     caption_tokenize,
     cider_d,
+    mme_scores,
     normalize_vqa_answer,
     parse_yes_no,
     pope_metrics,
@@ -24,7 +29,9 @@ from .tasks import TASK_SPECS, TaskSpec, rec_chance
 
 
 __all__ = [
+    "BENCHMARKS",
     "TASK_SPECS",
+    "Benchmark",
     "EvalResult",
     "OracleReport",
     "MatryoshkaEvalResult",
@@ -33,9 +40,12 @@ __all__ = [
     "caption_tokenize",
     "cider_d",
     "evaluate",
+    "evaluate_benchmark",
     "evaluate_matryoshka",
     "oracle_analysis",
     "generate_answers",
+    "load_benchmark",
+    "mme_scores",
     "normalize_vqa_answer",
     "parse_yes_no",
     "plot_oracle",

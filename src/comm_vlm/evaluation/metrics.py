@@ -22,6 +22,9 @@
   `process_punctuation` and `process_digit_article` (contractions, number words -> digits, articles dropped), the
   references through `process_punctuation` when they are not all identical; the score is the mean, over the leave-one-
   out subsets of the references (10 choose 9 for VQAv2's 10 answers), of min(#matching answers in the subset / 3, 1).
+* **MME** (Fu et al. 2023; the official `calculation.py`): an answer is yes / no when it is exactly that or its first
+  4 characters hold it (`parse_mme_answer`); per category accuracy + accuracy+ (both questions of an image right),
+  summed over the perception and the cognition categories.
 
 All accuracy-type values are fractions in [0, 1]; the runners print them x100 as the papers do.
 """
@@ -489,14 +492,108 @@ def vqa_accuracy(predictions: Sequence[str], references: Sequence[Sequence[str]]
     }
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# MME (Fu et al. 2023; the official eval_tool/calculation.py)
+# ----------------------------------------------------------------------------------------------------------------
+
+MME_PERCEPTION = (
+    "existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork", "OCR",
+)  # fmt: skip
+MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
+
+
+def parse_mme_answer(text: str) -> str:
+    """The official MME reading of an answer: `"yes"` / `"no"` when the lowercased, stripped answer is exactly that,
+    else the first of "yes" / "no" found in its first 4 characters, else `"other"` (always wrong).
+
+    Args:
+        text (`str`): generated answer.
+    """
+    answer = text.strip().lower()
+    if answer in ("yes", "no"):
+        return answer
+    head = answer[:4]
+    return "yes" if "yes" in head else "no" if "no" in head else "other"
+
+
+def mme_scores(
+    predictions: Sequence[str], labels: Sequence[str], categories: Sequence[str], image_ids: Sequence[str]
+) -> dict[str, Any]:
+    """MME scores as the official calculation gives them, as fractions (x100 = the published numbers).
+
+    Per category: `accuracy` (questions answered right), `accuracy_plus` (images whose questions, two per image, are
+    all right) and `score` = accuracy + accuracy_plus. `perception` sums the scores of the 10 perception categories,
+    `cognition` those of the 4 cognition categories present (x100: the published 0-2000 and 0-800 scales).
+
+    Args:
+        predictions (`Sequence[str]`): generated answers.
+        labels (`Sequence[str]`): `"Yes"` / `"No"` ground truth (any case).
+        categories (`Sequence[str]`): each question's MME category (`MME_PERCEPTION` or `MME_COGNITION`).
+        image_ids (`Sequence[str]`): each question's image (the pair key; lmms-lab/MME's `question_id`).
+
+    Returns:
+        `dict`: `perception`, `cognition`, `total`, `accuracy` (over all questions), `categories` (per category
+        `accuracy`, `accuracy_plus`, `score`, `num_questions`, `num_images`), `incomplete_images` (images without
+        exactly 2 questions, e.g. after a row limit), `num_samples`.
+
+    Raises:
+        ValueError: lengths differ, no samples, or a label is neither yes nor no.
+    """
+    if not len(predictions) == len(labels) == len(categories) == len(image_ids):
+        raise ValueError("mme_scores needs one label, category and image id per prediction; the lengths differ.")
+    if not predictions:
+        raise ValueError("mme_scores got no samples; pass at least one prediction.")
+    images: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
+    right = 0
+    for text, label, category, image in zip(predictions, labels, categories, image_ids):
+        label = str(label).strip().lower()
+        if label not in ("yes", "no"):
+            raise ValueError(f"MME label {label!r} is neither 'yes' nor 'no'; fix the dataset's `answer` column.")
+        images[category][image].append(parse_mme_answer(text) == label)
+        right += images[category][image][-1]
+    unknown = sorted(set(images) - set(MME_PERCEPTION) - set(MME_COGNITION))
+    if unknown:
+        logger.warning(f"MME categories {unknown} are neither perception nor cognition; left out of both sums.")
+    per_category, incomplete = {}, 0
+    for category, by_image in images.items():
+        answers = [c for results in by_image.values() for c in results]
+        incomplete += sum(len(results) != 2 for results in by_image.values())
+        accuracy = sum(answers) / len(answers)
+        accuracy_plus = sum(all(results) for results in by_image.values()) / len(by_image)
+        per_category[category] = {
+            "accuracy": accuracy,
+            "accuracy_plus": accuracy_plus,
+            "score": accuracy + accuracy_plus,
+            "num_questions": len(answers),
+            "num_images": len(by_image),
+        }
+    if incomplete:
+        logger.warning(f"{incomplete} MME images do not have exactly 2 questions; accuracy+ uses the ones given.")
+    perception = sum(per_category[c]["score"] for c in MME_PERCEPTION if c in per_category)
+    cognition = sum(per_category[c]["score"] for c in MME_COGNITION if c in per_category)
+    return {
+        "perception": perception,
+        "cognition": cognition,
+        "total": perception + cognition,
+        "accuracy": right / len(predictions),
+        "categories": dict(sorted(per_category.items())),
+        "incomplete_images": incomplete,
+        "num_samples": len(predictions),
+    }
+
+
 __all__ = [
+    "MME_COGNITION",
+    "MME_PERCEPTION",
     "REC_IOU_THRESHOLD",
     "CiderResult",
     "box_iou",
     "caption_tokenize",
     "cider_d",
     "first_box",
+    "mme_scores",
     "normalize_vqa_answer",
+    "parse_mme_answer",
     "parse_yes_no",
     "pope_metrics",
     "pope_official_answer",

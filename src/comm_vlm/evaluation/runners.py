@@ -15,6 +15,7 @@ and plots each task's metric against the visual tokens.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
@@ -54,6 +56,17 @@ def _prompt_messages(messages: Sequence[dict]) -> list[dict]:
     return cleaned
 
 
+def _open_image(image: Any) -> Any:
+    """`load_image`, also for undecoded `datasets.Image` values (`{"bytes", "path"}`), as benchmark rows hold them."""
+    if isinstance(image, dict):
+        if image.get("bytes") is not None:
+            return load_image(Image.open(io.BytesIO(image["bytes"])))
+        if image.get("path"):
+            return load_image(image["path"])
+        raise ValueError("A row's image has neither `bytes` nor `path`; give the image file or its bytes.")
+    return load_image(image)
+
+
 def generate_answers(
     model: Any,
     processor: Any,
@@ -69,7 +82,8 @@ def generate_answers(
     Args:
         model: an image-text-to-text model with `generate`.
         processor: its processor (chat template + `images=`/`text=` call).
-        rows (`Sequence[dict]`): rows with `messages` and `images`; a trailing assistant turn is dropped.
+        rows (`Sequence[dict]`): rows with `messages` and `images` (paths, images or undecoded `{"bytes", "path"}`
+            values); a trailing assistant turn is dropped.
         max_new_tokens (`int`): generation length.
         batch_size (`int`): prompts per `generate` call.
         processor_kwargs (`dict`, *optional*): extra processor call arguments (e.g. `matryoshka_scale`).
@@ -95,7 +109,7 @@ def generate_answers(
         with torch.inference_mode():
             for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
                 batch = order[start : start + batch_size]
-                images = [load_image(image) for i in batch for image in (rows[i].get("images") or [])]
+                images = [_open_image(image) for i in batch for image in (rows[i].get("images") or [])]
                 inputs = processor(
                     images=images or None,
                     text=[prompts[i] for i in batch],
@@ -206,8 +220,9 @@ def _rows_by_task(dataset: Any, tasks: Sequence[str] | None) -> dict[str, list[d
     for needed in ("messages", "images", "task"):
         if needed not in columns:
             raise ValueError(
-                f"The dataset has no {needed!r} column (columns: {columns}); build it with "
-                "comm_vlm.demo.synthetic.make_synthetic_dataset or add the column."
+                f"The dataset has no {needed!r} column (columns: {columns}). Read a published benchmark's own files "
+                "with comm_vlm.evaluation.load_benchmark (or `comm-vlm evaluate --task NAME --data FILE`), build "
+                "synthetic rows with comm_vlm.demo.synthetic.make_synthetic_dataset, or add the column."
             )
     all_tasks = list(dataset["task"]) if hasattr(dataset, "column_names") else [r["task"] for r in dataset]
     wanted = list(dict.fromkeys(all_tasks)) if tasks is None else list(tasks)

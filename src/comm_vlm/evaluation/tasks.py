@@ -2,8 +2,9 @@
 
 `TASK_SPECS` maps a task name to a [`TaskSpec`]; the runners (`comm_vlm.evaluation.runners`) look tasks up there, so
 a new benchmark is one entry. Metrics are those of COMM (Jiang et al. 2023): REC accuracy at IoU >= 0.5, REG and
-caption CIDEr-D, POPE accuracy / F1 / yes-ratio (mean over the random / popular / adversarial settings), VQA accuracy
-(see `comm_vlm.evaluation.metrics`). Baselines:
+caption CIDEr-D, POPE accuracy / F1 / yes-ratio (mean over the random / popular / adversarial settings), VQA accuracy;
+and M3's (Cai et al. 2024): MME perception / cognition scores, GQA exact-match accuracy (`exact_match`; see
+`comm_vlm.evaluation.metrics`). Baselines:
 
 * REC *chance*: the accuracy of answering every sample with the target box of another sample of the same set, i.e. a
   box drawn from the set's own box distribution (the generator's distribution on synthetic data), averaged exactly
@@ -11,6 +12,7 @@ caption CIDEr-D, POPE accuracy / F1 / yes-ratio (mean over the random / popular 
   partners per sample drawn with a fixed seed (0).
 * REG / caption *majority*: the most frequent `answer` of the set (ties: alphabetical first), given for every sample.
 * POPE *majority*: the majority label for every question ("yes" on a tie): 50% accuracy on balanced POPE.
+* MME *majority*: the majority label for every question; *exact match* (GQA): the set's most frequent answer.
 * VQA *majority*: the most frequent answer of the set for every question (the VQA paper's "prior" baseline);
   `accuracy_per_question_type_prior` gives the prior per `question_type` too, and `per_question_group_prior` over each
   `VQA_QUESTION_GROUPS` group (e.g. the synthetic scenes' attribute questions: colour and shape together), each
@@ -30,7 +32,17 @@ from typing import Any
 
 import numpy as np
 
-from .metrics import REC_IOU_THRESHOLD, cider_d, pope_metrics, rec_ious, resolve_yes_no, vqa_accuracy, vqa_score
+from .metrics import (
+    REC_IOU_THRESHOLD,
+    cider_d,
+    mme_scores,
+    parse_mme_answer,
+    pope_metrics,
+    rec_ious,
+    resolve_yes_no,
+    vqa_accuracy,
+    vqa_score,
+)
 
 
 REC_CHANCE_MAX_PAIRS = 4_000_000
@@ -153,6 +165,48 @@ def score_vqa(predictions: Sequence[str], rows: Sequence[dict]) -> TaskScore:
     return TaskScore(metrics, [s >= 1.0 for s in scores], scores)
 
 
+def score_mme(predictions: Sequence[str], rows: Sequence[dict]) -> TaskScore:
+    """MME perception and cognition scores (`comm_vlm.evaluation.metrics.mme_scores`) over `answer`, `category` and
+    `image_id` (the pair key).
+
+    Args:
+        predictions (`Sequence[str]`): generated answers.
+        rows (`Sequence[dict]`): the task's rows, in the same order.
+    """
+    labels = [str(a).strip().lower() for a in _column(rows, "answer")]
+    metrics = mme_scores(predictions, labels, _column(rows, "category"), _column(rows, "image_id"))
+    correct = [parse_mme_answer(p) == label for p, label in zip(predictions, labels)]
+    return TaskScore(metrics, correct, [float(c) for c in correct])
+
+
+def exact_match_answer(text: str) -> str:
+    """A short answer as GQA's evaluation compares it in LLaVA-1.5 (`convert_gqa_for_eval.py`): stripped, trailing
+    periods removed, lowercased.
+
+    Args:
+        text (`str`): a generated or reference answer.
+    """
+    return text.strip().rstrip(".").lower()
+
+
+def score_exact_match(predictions: Sequence[str], rows: Sequence[dict]) -> TaskScore:
+    """Exact-match accuracy against `answer` (GQA), overall and per `question_type`.
+
+    Args:
+        predictions (`Sequence[str]`): generated answers.
+        rows (`Sequence[dict]`): the task's rows, in the same order.
+    """
+    answers = [exact_match_answer(str(a)) for a in _column(rows, "answer")]
+    correct = [exact_match_answer(p) == a for p, a in zip(predictions, answers)]
+    values = [float(c) for c in correct]
+    metrics = {
+        "accuracy": sum(values) / len(values),
+        "num_samples": len(values),
+        "per_question_type": _by_type(rows, values),
+    }
+    return TaskScore(metrics, correct, values)
+
+
 def rec_chance(boxes: Sequence[Sequence[float]], threshold: float = REC_IOU_THRESHOLD) -> dict[str, float]:
     """Chance REC accuracy: P(IoU(box_i, box_j) >= threshold) over ordered pairs i != j of the set's target boxes.
 
@@ -254,6 +308,27 @@ def baseline_vqa(rows: Sequence[dict]) -> dict[str, Any]:
     return {"name": f"majority answer {constant!r}", **metrics}
 
 
+def baseline_mme(rows: Sequence[dict]) -> dict[str, Any]:
+    """MME scores of always answering the majority label ("yes" on a tie).
+
+    Args:
+        rows (`Sequence[dict]`): the task's rows.
+    """
+    labels = Counter(str(a).strip().lower() for a in _column(rows, "answer"))
+    constant = "yes" if labels["yes"] >= labels["no"] else "no"
+    return {"name": f"majority label {constant!r}", **score_mme([constant] * len(rows), rows).metrics}
+
+
+def baseline_exact_match(rows: Sequence[dict]) -> dict[str, Any]:
+    """Exact-match accuracy of the set's most frequent answer given for every question.
+
+    Args:
+        rows (`Sequence[dict]`): the task's rows.
+    """
+    constant = _majority([exact_match_answer(str(a)) for a in _column(rows, "answer")])
+    return {"name": f"majority answer {constant!r}", **score_exact_match([constant] * len(rows), rows).metrics}
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     """How one task is generated, scored and compared.
@@ -278,11 +353,19 @@ class TaskSpec:
 
 
 TASK_SPECS: dict[str, TaskSpec] = {
-    "rec": TaskSpec(48, score_rec, baseline_rec, (("accuracy", "Acc@0.5"),), ("answer", "box")),
+    "rec": TaskSpec(48, score_rec, baseline_rec, (("accuracy", "Acc@0.5"),), ("box",)),
     "reg": TaskSpec(24, score_cider, baseline_cider, (("cider", "CIDEr"),), ("answer", "references")),
     "caption": TaskSpec(48, score_cider, baseline_cider, (("cider", "CIDEr"),), ("answer", "references")),
     "pope": TaskSpec(8, score_pope, baseline_pope, (("accuracy", "Acc"), ("f1", "F1"), ("yes_ratio", "Yes-ratio"))),
     "vqa": TaskSpec(10, score_vqa, baseline_vqa, (("accuracy", "VQA acc"),), ("answer", "references")),
+    "mme": TaskSpec(
+        8,
+        score_mme,
+        baseline_mme,
+        (("perception", "Perception"), ("cognition", "Cognition")),
+        ("answer", "category", "image_id"),
+    ),
+    "exact_match": TaskSpec(10, score_exact_match, baseline_exact_match, (("accuracy", "Acc"),)),
 }
 
 
@@ -294,11 +377,16 @@ __all__ = [
     "TaskSpec",
     "VQA_QUESTION_GROUPS",
     "baseline_cider",
+    "baseline_exact_match",
+    "baseline_mme",
     "baseline_pope",
     "baseline_rec",
     "baseline_vqa",
+    "exact_match_answer",
     "rec_chance",
     "score_cider",
+    "score_exact_match",
+    "score_mme",
     "score_pope",
     "score_rec",
     "score_vqa",

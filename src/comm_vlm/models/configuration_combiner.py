@@ -105,6 +105,11 @@ class AdaptiveCombinerConfig(LlavaBranchConfig):
         super().__post_init__(**kwargs)
         self._validate_combiner()
 
+    def check_fields(self) -> None:
+        """[`CommConfig.check_fields`] plus the combiner's fields."""
+        super().check_fields()
+        self._validate_combiner()
+
     @property
     def num_image_tokens(self) -> int:
         """Image placeholders per image in the LLM input (= `combiner_num_latents`)."""
@@ -127,6 +132,10 @@ class AdaptiveCombinerConfig(LlavaBranchConfig):
             _check_positive_int("combiner_hidden_size", self.combiner_hidden_size)
         if self.combiner_num_heads is not None:
             _check_positive_int("combiner_num_heads", self.combiner_num_heads)
+        else:
+            _check_positive_int(
+                "text_config.num_attention_heads", getattr(self.text_config, "num_attention_heads", None)
+            )
         if self.combiner_width % self.combiner_heads != 0:
             raise ValueError(
                 f"The combiner width D={self.combiner_width} is not divisible by its {self.combiner_heads} attention "

@@ -16,7 +16,11 @@ Layer indices follow `hidden_states` of transformers' vision models: 0 is the em
 output of transformer layer `i`; negative indices count from the end (-1 is the last layer, -2 the penultimate).
 """
 
+import sys
+import types
+import typing
 from dataclasses import field
+from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
 from transformers.configuration_utils import SubConfigSpec
@@ -61,6 +65,11 @@ def resolve_layers(layers: int | list[int], num_layers: int, field_name: str) ->
     Raises:
         ValueError: empty list, duplicates, or an index outside `[-(num_layers + 1), num_layers]`.
     """
+    if not isinstance(layers, (int, list, tuple)) or isinstance(layers, bool):
+        raise ValueError(
+            f"`{field_name}` must be a layer index or a list of layer indices (integers), got {layers!r} "
+            f"({type(layers).__name__}); e.g. {field_name}=-2 or {field_name}=[{num_layers - 1}, {num_layers}]."
+        )
     layer_list = [layers] if isinstance(layers, int) else list(layers)
     if not layer_list:
         raise ValueError(f"`{field_name}` is empty: give at least one layer index in 0..{num_layers}.")
@@ -77,6 +86,74 @@ def resolve_layers(layers: int | list[int], num_layers: int, field_name: str) ->
     if len(set(resolved)) != len(resolved):
         raise ValueError(f"`{field_name}` lists a layer twice: {layer_list}.")
     return resolved
+
+
+# Fields whose values `resolve_layers` checks, with its own messages.
+_LAYER_FIELDS = ("vision_feature_layer", "secondary_vision_feature_layer")
+
+
+def _type_matches(value: Any, hint: Any) -> bool:
+    """Whether `value` has the annotated type `hint` (bools are not integers; integers are floats; tuples are
+    lists)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_matches(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is list:
+        args = typing.get_args(hint)
+        return isinstance(value, (list, tuple)) and (not args or all(_type_matches(v, args[0]) for v in value))
+    if origin is dict:
+        return isinstance(value, dict)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return not isinstance(hint, type) or isinstance(value, hint)
+
+
+def _describe_type(hint: Any) -> str:
+    """`int | None` -> "an integer or None", for error messages."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe_type(arg) for arg in typing.get_args(hint))
+    if origin is list:
+        args = typing.get_args(hint)
+        return f"a list of {_describe_type(args[0]).split(' ', 1)[1]}s" if args else "a list"
+    names = {bool: "a bool (True or False)", int: "an integer", float: "a number", str: "a string", dict: "a dict"}
+    if hint is type(None):
+        return "None"
+    return names.get(hint, f"a {getattr(hint, '__name__', hint)}")
+
+
+def check_field_types(config: PretrainedConfig, base: type) -> None:
+    """Checks every field that `base` and its subclasses declare against its annotation.
+
+    Args:
+        config (`PretrainedConfig`): an instance of a subclass of `base`.
+        base (`type`): the first class whose fields are checked (the ones of `PretrainedConfig` are transformers').
+
+    Raises:
+        ValueError: a field whose value has another type, naming the field, the type expected and the value.
+    """
+    hints: dict[str, Any] = {}
+    for cls in reversed(type(config).__mro__):
+        if not (isinstance(cls, type) and issubclass(cls, base)):
+            continue
+        namespace = vars(sys.modules[cls.__module__])
+        for name, hint in cls.__dict__.get("__annotations__", {}).items():
+            hints[name] = eval(hint, namespace) if isinstance(hint, str) else hint  # noqa: S307 (own annotations)
+    for name, hint in hints.items():
+        if name in _LAYER_FIELDS:
+            continue
+        value = getattr(config, name)
+        if not _type_matches(value, hint):
+            raise ValueError(
+                f"`{name}` must be {_describe_type(hint)}, got {value!r} ({type(value).__name__}). Set it to a value "
+                "of that type (configs edited after construction are checked again when a model is built)."
+            )
 
 
 def _side(value: int | list[int] | tuple[int, ...]) -> int:
@@ -169,6 +246,21 @@ class CommConfig(PretrainedConfig):
             self.tie_word_embeddings = self.text_config.tie_word_embeddings
         self._validate_branches()
 
+    def check_fields(self) -> None:
+        """Checks every field of this family, types and values, as construction does (and fills the derived ones
+        left `None`). The models' `__init__` call it, so a config edited after construction is refused with a
+        `ValueError` naming the field before any module is built from it.
+
+        Raises:
+            ValueError: the first invalid field, with how to fix it.
+        """
+        self._validate_branches()
+
+    def validate(self) -> None:
+        """transformers' config validators (run by `save_pretrained`), then [`~CommConfig.check_fields`]."""
+        super().validate()
+        self.check_fields()
+
     def to_dict(self) -> dict:
         """`PretrainedConfig.to_dict`, whose `auto_map` names the model class for `AutoModelForImageTextToText`
         (`image_text_to_text_class_ref`) unless it names one already.
@@ -223,6 +315,22 @@ class CommConfig(PretrainedConfig):
         }
 
     def _validate_branches(self) -> None:
+        check_field_types(self, CommConfig)
+        for name in ("vision_config", "text_config", "secondary_vision_config"):
+            value = getattr(self, name)
+            if not isinstance(value, PretrainedConfig) and not (name == "secondary_vision_config" and value is None):
+                raise ValueError(
+                    f"`{name}` is a {type(value).__name__}, not a config object: assign a config (e.g. "
+                    "`AutoConfig.for_model(**fields)`), or pass the dict when constructing the config, which "
+                    "converts it."
+                )
+        for name in ("hidden_size", "vocab_size"):
+            _check_positive_int(f"text_config.{name}", getattr(self.text_config, name, None))
+        if isinstance(self.image_token_index, int) and self.image_token_index < 0:
+            raise ValueError(
+                f"`image_token_index` must be a token id (>= 0), got {self.image_token_index}: set it to the id of "
+                "the image placeholder in the tokenizer."
+            )
         if self.vision_feature_select_strategy not in FEATURE_SELECT_STRATEGIES:
             raise ValueError(
                 f"`vision_feature_select_strategy`={self.vision_feature_select_strategy!r} is unknown; "
@@ -246,6 +354,15 @@ class CommConfig(PretrainedConfig):
                         f"`{prefix}_config` ({vision_config.model_type}) has no `{attr}`: COMM needs a ViT-style "
                         "encoder with a square patch grid."
                     )
+            for attr in ("hidden_size", "num_hidden_layers"):
+                _check_positive_int(f"{prefix}_config.{attr}", getattr(vision_config, attr))
+            for attr in ("image_size", "patch_size"):
+                _check_positive_int(f"{prefix}_config.{attr}", _side(getattr(vision_config, attr)))
+            if patch_grid(vision_config) < 1:
+                raise ValueError(
+                    f"`{prefix}_config` has image_size {vision_config.image_size} smaller than its patch_size "
+                    f"{vision_config.patch_size}: no patch fits; raise `image_size` or lower `patch_size`."
+                )
             if vision_config.model_type == "vit_mae" and vision_config.mask_ratio != 0.0:
                 logger.info(f"`{prefix}_config`: MAE masking is disabled (mask_ratio 0) for feature extraction.")
                 vision_config.mask_ratio = 0.0
@@ -269,7 +386,7 @@ class CommConfig(PretrainedConfig):
                 name = f"{prefix}_image_{stat}"
                 value = getattr(self, name)
                 if value is None:
-                    setattr(self, name, default)
+                    setattr(self, name, list(default))
                 elif len(value) != 3 or (stat == "std" and any(s <= 0 for s in value)):
                     raise ValueError(f"`{name}` must be 3 per-channel values (std > 0), got {value}.")
             grids[prefix] = patch_grid(vision_config)

@@ -21,6 +21,7 @@ This file is self-contained (transformers and the standard library only) so that
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 
 from transformers.utils import logging
@@ -58,13 +59,34 @@ def check_matryoshka_scale(scale: int, grid: int, name: str = "matryoshka_scale"
         ValueError: `scale` is not a positive integer whose square root divides `grid`; the message lists the valid
             scales.
     """
-    side = math.isqrt(scale) if isinstance(scale, int) and not isinstance(scale, bool) and scale > 0 else 0
+    if isinstance(scale, bool) or not isinstance(scale, int):
+        raise ValueError(
+            f"`{name}`={scale!r} is a {type(scale).__name__}, not an integer: a scale is a whole number of visual "
+            f"tokens per image, a square s*s with s dividing {grid}. Valid scales: {valid_matryoshka_scales(grid)}."
+        )
+    side = math.isqrt(scale) if scale > 0 else 0
     if side == 0 or side * side != scale or grid % side != 0:
         raise ValueError(
             f"`{name}`={scale!r} cannot be produced from the {grid}x{grid} visual token grid: a scale must be a "
             f"square s*s with s dividing {grid}. Valid scales: {valid_matryoshka_scales(grid)}."
         )
     return grid // side
+
+
+def as_integer(value: object, name: str) -> int:
+    """`value` as an `int`: Python and NumPy integers and one-element integer tensors pass (`operator.index`).
+
+    Raises:
+        ValueError: `value` is a bool, a float (even a whole one: 9.0), a string or anything else.
+    """
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise ValueError(
+        f"`{name}` must be an integer, got {value!r} ({type(value).__name__}); pass a whole number such as 9."
+    )
 
 
 def choose_image_scales(num_images: int, budget: int, scales: Sequence[int], strategy: str = "uniform") -> list[int]:
@@ -81,10 +103,12 @@ def choose_image_scales(num_images: int, budget: int, scales: Sequence[int], str
         strategy (`str`): `"uniform"` or `"greedy"`.
 
     Raises:
-        ValueError: unknown strategy, or the budget is below `num_images * min(scales)`.
+        ValueError: unknown strategy, a budget that is not an integer (bool, float, str), or a budget below
+            `num_images * min(scales)`.
     """
     if strategy not in BUDGET_STRATEGIES:
         raise ValueError(f"Unknown budget strategy {strategy!r}; use one of {BUDGET_STRATEGIES}.")
+    budget = as_integer(budget, "visual_token_budget")
     if num_images == 0:
         return []
     ordered = sorted(set(scales))
@@ -157,6 +181,11 @@ class MatryoshkaLlavaConfig(LlavaBranchConfig):
         super().__post_init__(**kwargs)
         self._validate_matryoshka()
 
+    def check_fields(self) -> None:
+        """[`CommConfig.check_fields`] plus the Matryoshka fields (scales, selection, training mode, packing)."""
+        super().check_fields()
+        self._validate_matryoshka()
+
     @property
     def matryoshka_grid(self) -> int:
         """Side g of the projected visual token grid (image_size // patch_size of the primary encoder)."""
@@ -214,6 +243,7 @@ __all__ = [
     "PACKINGS",
     "TOKEN_SELECTIONS",
     "TRAINING_MODES",
+    "as_integer",
     "check_matryoshka_scale",
     "choose_image_scales",
     "default_matryoshka_scales",

@@ -139,6 +139,13 @@ class AdaptiveCombinerPreTrainedModel(CommPreTrainedModel):
     config_class = AdaptiveCombinerConfig
     config: AdaptiveCombinerConfig
 
+    # Serving engines that splice cached per-image encoder outputs into the LLM's inputs (vLLM's Transformers backend
+    # calls `get_image_features` per image) never run the prompt-dependent fusion, so they would answer from unfused
+    # encoder tokens. vLLM admits a Transformers model only if it supports attention backends or can set its
+    # attention implementation: both are declined here, so vLLM refuses the combiner instead of serving it wrongly.
+    _supports_attention_backend = False
+    _can_set_attn_implementation_cached_value = False
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -248,7 +255,7 @@ class AdaptiveCombinerModel(AdaptiveCombinerPreTrainedModel, CommModel):
             [`CommModelOutputWithPast`] whose `image_hidden_states` are the fused tokens `(num_images * N, D_llm)`.
         """
         inputs_embeds, image_outputs, special_image_mask = self.embed_inputs(
-            input_ids, inputs_embeds, pixel_values, mm_encoder_outputs
+            input_ids, inputs_embeds, pixel_values, mm_encoder_outputs, past_key_values, position_ids
         )
         if labels is None and kwargs.get("shift_labels") is not None:
             labels = unshift_labels(kwargs["shift_labels"])
@@ -289,11 +296,68 @@ class AdaptiveCombinerForConditionalGeneration(AdaptiveCombinerPreTrainedModel, 
 
     def generate(self, inputs: torch.Tensor | None = None, *args, prompt_length: int | None = None, **kwargs):
         """`GenerationMixin.generate`, recording the prompt length so the combiner never fuses generated tokens
-        (it matters without a KV cache, where every step re-runs the whole sequence)."""
+        (it matters without a KV cache, where every step re-runs the whole sequence).
+
+        Every decoding mode of `GenerationMixin` works (greedy, sampling, beam search, `num_return_sequences`,
+        assisted decoding, prompt lookup, static cache) except chunked prefill (`prefill_chunk_size`), which is
+        refused: the fusion needs the whole prompt at once.
+        """
+        generation_config = kwargs.get("generation_config") or self.generation_config
+        if kwargs.get("prefill_chunk_size", getattr(generation_config, "prefill_chunk_size", None)) is not None:
+            raise ValueError(
+                "The adaptive combiner cannot prefill in chunks (`prefill_chunk_size`): each image is fused with the "
+                "whole prompt, which a chunk does not hold. Pass `prefill_chunk_size=None`."
+            )
         if prompt_length is None:
             prompt = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
             prompt_length = prompt.shape[1] if isinstance(prompt, torch.Tensor) and prompt.dim() >= 2 else None
         return super().generate(inputs, *args, prompt_length=prompt_length, **kwargs)
+
+    def _expand_multimodal_outputs(
+        self,
+        input_ids: torch.LongTensor | None,
+        mm_encoder_output: dict,
+        expand_size: int = 1,
+        inputs_embeds: torch.FloatTensor | None = None,
+    ) -> dict:
+        """Repeats each row's images `expand_size` times, for beam search and `num_return_sequences`.
+
+        `GenerationMixin` splits the encoder outputs into rows by matching placeholder counts to visual token counts,
+        which fails here: a row holds N = `combiner_num_latents` placeholders per image while the vision branch gives
+        `image_seq_length` tokens per image (the fusion into N tokens runs later, in `forward`). The images of a row
+        are counted as its placeholders divided by N instead, and the row's group of images is repeated as
+        `GenerationMixin` repeats the row: images `[A, B | C]` of rows `[0 | 1]` become `[A, B, A, B | C, C]` for
+        `expand_size=2`.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(B, T)`, *optional*): the unexpanded prompts.
+            mm_encoder_output (`dict`): `{"image": get_image_features(...)}`, whose `pooler_output` holds one
+                `(S_v, D)` tensor per image.
+            expand_size (`int`): copies of every row.
+            inputs_embeds (`torch.FloatTensor` of shape `(B, T, D)`, *optional*): the prompts, when given as
+                embeddings.
+
+        Returns:
+            `dict`: `mm_encoder_output`, its image features repeated per row.
+        """
+        image_outputs = mm_encoder_output.get("image")
+        if image_outputs is None or getattr(image_outputs, "pooler_output", None) is None:
+            return mm_encoder_output
+        if input_ids is None or input_ids.numel() == 0:
+            image_mask = self.model.get_placeholder_mask(None, inputs_embeds).squeeze(-1)
+        else:
+            image_mask = input_ids == self.config.image_token_id
+        features = list(image_outputs.pooler_output)
+        rows, _ = image_rows_and_starts(image_mask, len(features), self.config.combiner_num_latents)
+        per_row = torch.bincount(rows, minlength=image_mask.shape[0]).tolist()
+        expanded, start = [], 0
+        for count in per_row:
+            expanded += features[start : start + count] * expand_size
+            start += count
+        image_outputs.pooler_output = expanded
+        if isinstance(image_outputs.last_hidden_state, torch.Tensor) and expanded:
+            image_outputs.last_hidden_state = torch.stack(expanded)
+        return mm_encoder_output
 
     def forward(
         self,

@@ -21,26 +21,32 @@ prepared batch from another, so it does not check.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers import AutoModel, GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, ModelOutput
 from transformers.modeling_utils import slice_logits_to_keep
-from transformers.utils import logging
+from transformers.utils import cached_file, can_return_tuple, logging
 
-from .configuration_comm import CommConfig, patch_grid
+from .checkpoint_files import damaged_checkpoint_files
+from .configuration_comm import CommConfig, patch_grid, resolve_layers
 from .feature_merging import LayerscaleMerge, LLNLayerscaleMerge, build_aligner, build_merge
 
 
 logger = logging.get_logger(__name__)
 
 IGNORE_INDEX = -100
+
+# The call-time vision options of transformers' LLaVA (`vision_feature_layer`, `vision_feature_select_strategy`).
+VISION_OPTIONS = ("vision_feature_layer", "vision_feature_select_strategy")
+SELECT_STRATEGIES = ("default", "full")
 
 
 def mask_image_labels(labels: torch.Tensor, input_ids: torch.Tensor | None, image_token_id: int) -> torch.Tensor:
@@ -67,6 +73,27 @@ def mask_image_labels(labels: torch.Tensor, input_ids: torch.Tensor | None, imag
             "input token (-100 where no loss is taken)."
         )
     return labels.masked_fill(input_ids.to(labels.device) == image_token_id, IGNORE_INDEX)
+
+
+def mask_image_shift_labels(
+    shift_labels: torch.Tensor, input_ids: torch.Tensor | None, image_token_id: int
+) -> torch.Tensor:
+    """`mask_image_labels` for pre-shifted targets (`shift_labels[:, t]` is the target of position t, the token at
+    t + 1; context-parallel training passes them): -100 wherever the target is an image placeholder.
+
+    Args:
+        shift_labels (`torch.LongTensor` of shape `(B, T)`): targets aligned with the logits (-100 = ignored).
+        input_ids (`torch.LongTensor` of shape `(B, T)`, *optional*): the inputs; `input_ids[:, t + 1]` is the token
+            that `shift_labels[:, t]` targets (the last target's token lies past the input, e.g. in the next shard).
+        image_token_id (`int`): the placeholder id.
+
+    Returns:
+        `torch.LongTensor` of shape `(B, T)`: a new tensor.
+    """
+    is_image = shift_labels == image_token_id
+    if input_ids is not None and input_ids.shape == shift_labels.shape:
+        is_image[:, :-1] |= input_ids[:, 1:].to(shift_labels.device) == image_token_id
+    return shift_labels.masked_fill(is_image, IGNORE_INDEX)
 
 
 @dataclass
@@ -178,6 +205,66 @@ class CommPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    _can_compile_fullgraph = True
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike | None, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained`; when loading fails on a damaged weight file (truncated, empty, not
+        safetensors, or a shard its index lists but the directory lacks) of a local directory or of the downloaded
+        snapshot of a Hub repository, the error names the file and the cause
+        (`checkpoint_files.damaged_checkpoint_files`) instead of safetensors' bare header message.
+        """
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        except Exception as error:
+            if not isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
+                raise
+            directory = os.fspath(pretrained_model_name_or_path)
+            if kwargs.get("subfolder"):
+                directory = os.path.join(directory, kwargs["subfolder"])
+            if not os.path.isdir(directory):  # a Hub repository: its local snapshot, if downloaded
+                config_file = cached_file(
+                    pretrained_model_name_or_path,
+                    "config.json",
+                    subfolder=kwargs.get("subfolder") or "",
+                    revision=kwargs.get("revision"),
+                    cache_dir=kwargs.get("cache_dir"),
+                    local_files_only=True,
+                    _raise_exceptions_for_missing_entries=False,
+                    _raise_exceptions_for_connection_errors=False,
+                )
+                directory = os.path.dirname(config_file) if config_file else directory
+            problems = damaged_checkpoint_files(directory) if os.path.isdir(directory) else []
+            if not problems:
+                raise
+            raise OSError(
+                f"Cannot load the checkpoint in {directory}: " + "; ".join(problems) + ". Download or copy the "
+                "file(s) again, or save the model again from an intact copy."
+            ) from error
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """`PreTrainedModel.initialize_weights`, with each transformers sub-model (encoders, LLM) initialised first by
+        its own `initialize_weights`, as inside a transformers composite model.
+
+        transformers treats a model defined outside the library as custom code and hands that flag down to its
+        sub-models, where it skips the modules without parameters of their own (e.g. CLIP's attention and MLP blocks,
+        whose `_init_weights` sets their projections): weights missing from a checkpoint would then get the generic
+        init instead of the encoder's own. Sub-models initialised here are marked done, so the rest of the model
+        initialises as usual.
+        """
+        done: list[str] = []
+        for name, module in self.named_modules():
+            if (
+                module is self
+                or not isinstance(module, PreTrainedModel)
+                or module.is_custom_code()
+                or any(name.startswith(f"{prefix}.") for prefix in done)
+            ):
+                continue
+            module.initialize_weights()
+            done.append(name)
+        super().initialize_weights()
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -196,6 +283,7 @@ class CommModel(CommPreTrainedModel):
     """COMM without a language-modeling head: encoders, connector, projector and the LLM backbone."""
 
     def __init__(self, config: CommConfig):
+        config.check_fields()  # a config edited after construction is checked before any module is built from it
         super().__init__(config)
         self.vision_tower = AutoModel.from_config(config.vision_config)
         self.secondary_vision_tower = (
@@ -242,16 +330,61 @@ class CommModel(CommPreTrainedModel):
             pixels = F.interpolate(pixels, size=size, mode="bicubic", align_corners=False, antialias=True)
         return pixels.to(pixel_values.dtype)
 
+    def _feature_layers(self, prefix: str, vision_feature_layer: int | list[int] | None = None) -> list[int]:
+        """The `hidden_states` indices encoder `prefix` feeds its merge: the config's, or for the primary encoder
+        `vision_feature_layer` given at call time, which must select as many layers as the merge was built for.
+
+        Raises:
+            ValueError: `vision_feature_layer` selects another number of layers (the merge's weights and the
+                projector's input size are per layer), or a layer outside the encoder.
+        """
+        layers = self.config.branch(prefix)["layers"]
+        if vision_feature_layer is None or prefix != "vision":
+            return layers
+        num_layers = self.config.vision_config.num_hidden_layers
+        requested = resolve_layers(vision_feature_layer, num_layers, "vision_feature_layer")
+        if len(requested) != len(layers):
+            raise ValueError(
+                f"`vision_feature_layer={vision_feature_layer}` selects {len(requested)} layer(s), but the model's "
+                f"merge (`vision_feature_merge={self.config.vision_feature_merge!r}`) and projector were built for "
+                f"{len(layers)} (config: `vision_feature_layer={self.config.vision_feature_layer}`). Select "
+                f"{len(layers)} layer(s), or leave it unset to use the config's."
+            )
+        return requested
+
     def _encode(self, tower: nn.Module, pixels: torch.Tensor, prefix: str) -> torch.Tensor:
-        """Runs one encoder, keeping only the hidden states the merge uses.
+        """The selected layers' patch tokens `(L, B, N, C)` of one encoder, with the config's settings (see
+        `_encode_with_outputs`)."""
+        return self._encode_with_outputs(tower, pixels, prefix)[0]
+
+    def _encode_with_outputs(
+        self,
+        tower: nn.Module,
+        pixels: torch.Tensor,
+        prefix: str,
+        layers: list[int] | None = None,
+        select_strategy: str | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, ModelOutput]:
+        """Runs one encoder, keeping only the hidden states the merge uses (all of them with `output_hidden_states`).
+
+        Args:
+            tower (`nn.Module`): the encoder.
+            pixels (`torch.Tensor` of shape `(B, 3, H, W)`): its pixels (see `_encoder_pixels`).
+            prefix (`str`): the encoder's field prefix (`"vision"` or `"secondary_vision"`).
+            layers (`list[int]`, *optional*): `hidden_states` indices to merge (default: the config's).
+            select_strategy (`str`, *optional*): `"default"` (drop prefix tokens) or `"full"` (default: the config's
+                `vision_feature_select_strategy`).
+            kwargs: passed to the encoder (`output_attentions`, `output_hidden_states`).
 
         Returns:
-            `torch.Tensor` of shape `(L, B, N, C)`: the selected layers' patch tokens (prefix tokens dropped unless
-            `vision_feature_select_strategy="full"`).
+            `(selected, outputs)`: the selected layers' patch tokens `(L, B, N, C)` and the encoder's outputs.
         """
         vision_config = getattr(self.config, f"{prefix}_config")
-        layers = self.config.branch(prefix)["layers"]
-        kwargs = {}
+        layers = self.config.branch(prefix)["layers"] if layers is None else layers
+        select_strategy = select_strategy or self.config.vision_feature_select_strategy
+        if kwargs.get("output_hidden_states") is not True:
+            kwargs["output_hidden_states"] = layers  # only these are kept
         if vision_config.model_type == "vit_mae":
             # Identity "shuffle": with mask_ratio 0 ViTMAE would still permute the patches randomly.
             num_patches = patch_grid(vision_config) ** 2
@@ -259,9 +392,9 @@ class CommModel(CommPreTrainedModel):
         frozen = not any(p.requires_grad for p in tower.parameters())
         pixels = pixels.to(dtype=tower.dtype)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
-            outputs = tower(pixels, output_hidden_states=layers, return_dict=True, **kwargs)
+            outputs = tower(pixels, return_dict=True, **kwargs)
         selected = torch.stack([outputs.hidden_states[i] for i in layers])  # (L, B, S, C)
-        if self.config.vision_feature_select_strategy == "default":
+        if select_strategy == "default":
             num_prefix = selected.shape[2] - patch_grid(vision_config) ** 2
             if num_prefix < 0:
                 raise ValueError(
@@ -269,25 +402,105 @@ class CommModel(CommPreTrainedModel):
                     f"{patch_grid(vision_config) ** 2} patches: check `image_size`/`patch_size` and the pixel size."
                 )
             selected = selected[:, :, num_prefix:]  # drop CLS / distillation / register tokens
-        return selected
+        return selected, outputs
 
-    def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs) -> BaseModelOutputWithPooling:
-        """Encodes images into LLM-width visual tokens.
+    @can_return_tuple
+    def get_image_features(
+        self,
+        pixel_values: torch.FloatTensor,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling | tuple:
+        """Encodes images into LLM-width visual tokens, with the output layout of LLaVA's `get_image_features`.
 
         Args:
             pixel_values (`torch.FloatTensor` of shape `(num_images, 3, H, W)`): normalised with the primary
                 encoder's statistics (`config.vision_image_mean/std`); the secondary encoder gets its own.
+            vision_feature_layer (`int` or `list[int]`, *optional*): the primary encoder's layers to merge, instead of
+                the config's; as many as the config selects (the merge and projector are sized for them).
+            vision_feature_select_strategy (`str`, *optional*): `"default"` (drop the prefix tokens) or `"full"`,
+                instead of the config's; applies to every encoder.
+            kwargs: `output_hidden_states`, `output_attentions` (of the primary encoder), `return_dict`.
 
         Returns:
-            `BaseModelOutputWithPooling` whose `pooler_output` is a list of `(image_seq_length, hidden_size)` tensors,
-            one per image, and `last_hidden_state` the stacked `(num_images, image_seq_length, hidden_size)`.
+            `BaseModelOutputWithPooling` (a tuple with `return_dict=False`): the primary encoder's outputs
+            (`last_hidden_state` `(num_images, S, C_vision)`, `hidden_states`, `attentions` when requested) whose
+            `pooler_output` is the visual tokens, a list of one `(image_seq_length, hidden_size)` tensor per image.
         """
-        layer_features = [
-            self._encode(tower, self._encoder_pixels(pixel_values, prefix), prefix)
-            for tower, prefix in zip(self.vision_towers, self.config.encoder_prefixes)
-        ]
+        if vision_feature_select_strategy is not None and vision_feature_select_strategy not in SELECT_STRATEGIES:
+            raise ValueError(
+                f"`vision_feature_select_strategy={vision_feature_select_strategy!r}`: use one of {SELECT_STRATEGIES}."
+            )
+        output_hidden_states = kwargs.pop("output_hidden_states", None)
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        if output_hidden_states is True:
+            kwargs["output_hidden_states"] = True
+        layer_features, primary_outputs = [], None
+        for tower, prefix in zip(self.vision_towers, self.config.encoder_prefixes):
+            selected, outputs = self._encode_with_outputs(
+                tower,
+                self._encoder_pixels(pixel_values, prefix),
+                prefix,
+                layers=self._feature_layers(prefix, vision_feature_layer),
+                select_strategy=vision_feature_select_strategy,
+                **(kwargs if primary_outputs is None else {}),
+            )
+            layer_features.append(selected)
+            if primary_outputs is None:
+                primary_outputs = outputs
         image_features = self.multi_modal_projector(self.connector(layer_features))  # (B, N, D)
-        return BaseModelOutputWithPooling(last_hidden_state=image_features, pooler_output=list(image_features))
+        return BaseModelOutputWithPooling(
+            last_hidden_state=primary_outputs.last_hidden_state,
+            pooler_output=list(image_features),
+            hidden_states=primary_outputs.hidden_states if output_hidden_states is True else None,
+            attentions=getattr(primary_outputs, "attentions", None),
+        )
+
+    def encode_images_for_call(
+        self,
+        pixel_values: torch.FloatTensor | None,
+        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        **image_kwargs,
+    ) -> tuple[torch.FloatTensor | None, dict[str, BaseModelOutputWithPooling] | None]:
+        """A forward's image encoding: `pixel_values` become `mm_encoder_outputs={"image": get_image_features(...)}`
+        (with the call-time vision options, and as a `ModelOutput` whatever `config.return_dict` says).
+
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(num_images, 3, H, W)`, *optional*).
+            mm_encoder_outputs (`dict`, *optional*): precomputed `{"image": get_image_features(...)}`.
+            vision_feature_layer, vision_feature_select_strategy: see [`CommModel.get_image_features`].
+            image_kwargs: further `get_image_features` arguments (M3's scales).
+
+        Returns:
+            `(pixel_values, mm_encoder_outputs)` for `embed_inputs`: `(None, outputs)` once encoded; the inputs as
+            they are without images, or with both images and precomputed features (`embed_inputs` refuses those).
+
+        Raises:
+            ValueError: a vision option with precomputed image features (they were encoded already, the option
+                cannot apply), or with neither images nor features.
+        """
+        has_options = vision_feature_layer is not None or vision_feature_select_strategy is not None
+        precomputed = (mm_encoder_outputs or {}).get("image") is not None
+        if has_options and (precomputed or pixel_values is None):
+            raise ValueError(
+                "`vision_feature_layer`/`vision_feature_select_strategy` apply when the model encodes `pixel_values`; "
+                "with precomputed `mm_encoder_outputs` (or no images) they cannot apply. Pass them to "
+                "`get_image_features` instead."
+            )
+        if pixel_values is None or precomputed:
+            return pixel_values, mm_encoder_outputs
+        image_outputs = self.get_image_features(
+            pixel_values,
+            vision_feature_layer=vision_feature_layer,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            return_dict=True,
+            **image_kwargs,
+        )
+        return None, {**(mm_encoder_outputs or {}), "image": image_outputs}
 
     def get_placeholder_mask(
         self,
@@ -342,9 +555,25 @@ class CommModel(CommPreTrainedModel):
         inputs_embeds: torch.FloatTensor | None,
         pixel_values: torch.FloatTensor | None,
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None,
+        past_key_values: Cache | None = None,
+        position_ids: torch.LongTensor | None = None,
     ) -> tuple[torch.FloatTensor, BaseModelOutputWithPooling | None, torch.BoolTensor | None]:
         """LLaVA's forward preamble, shared by every family: checks the inputs, embeds the text, encodes the images
         (unless `mm_encoder_outputs` holds them) and finds their placeholders.
+
+        Requests that would silently compute something else are refused with a `ValueError`: an empty input, an
+        input past the LLM's `max_position_embeddings` (counting the tokens in `past_key_values`), and image
+        placeholders without images (checked when the cache is empty; decode steps carry no images). Images without
+        placeholders are refused by the families' count checks.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(B, T)`, *optional*), inputs_embeds (`torch.FloatTensor` of shape
+                `(B, T, D)`, *optional*): the text, exactly one of them.
+            pixel_values (`torch.FloatTensor` of shape `(num_images, 3, H, W)`, *optional*): the images.
+            mm_encoder_outputs (`dict`, *optional*): `{"image": get_image_features(...)}` computed beforehand.
+            past_key_values (`Cache`, *optional*): the KV cache, whose length counts towards the positions.
+            position_ids (`torch.LongTensor` of shape `(B, T)`, *optional*): explicit positions; the largest is
+                checked against `max_position_embeddings`.
 
         Returns:
             `(inputs_embeds, image_outputs, special_image_mask)`: the text embeddings `(B, T, D)` (placeholders not yet
@@ -356,13 +585,57 @@ class CommModel(CommPreTrainedModel):
         image_outputs = (mm_encoder_outputs or {}).get("image")
         if pixel_values is not None and image_outputs is not None:
             raise ValueError("Pass either pixel_values or mm_encoder_outputs['image'], not both.")
+        prompt = input_ids if input_ids is not None else inputs_embeds
+        past_length = 0
+        if past_key_values is not None and not torch.compiler.is_compiling():
+            past_length = past_key_values.get_seq_length()
+        self.check_sequence_length(prompt.shape[1], past_length, position_ids)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         if image_outputs is None and pixel_values is not None:
-            image_outputs = self.get_image_features(pixel_values)
+            image_outputs = self.get_image_features(pixel_values, return_dict=True)
         if image_outputs is None:
+            if past_length == 0 and not torch.compiler.is_compiling():
+                mask = self.get_placeholder_mask(input_ids, inputs_embeds)
+                if bool(mask.any()):
+                    raise ValueError(
+                        f"The text has {int(mask.sum())} image tokens (id {self.config.image_token_id}) but no images "
+                        "were given, so the model would read the placeholder embeddings as if they were the image. "
+                        "Pass the images as `pixel_values` (the processor returns them with the text), or drop the "
+                        "image placeholders from a text-only prompt."
+                    )
             return inputs_embeds, None, None
         return inputs_embeds, image_outputs, self.get_placeholder_mask(input_ids, inputs_embeds)
+
+    def check_sequence_length(
+        self, length: int, past_length: int = 0, position_ids: torch.LongTensor | None = None
+    ) -> None:
+        """Refuses an empty input and one that runs past the LLM's position table (`max_position_embeddings`).
+
+        Args:
+            length (`int`): tokens of this call's input `(B, T)`: `T`.
+            past_length (`int`): tokens already in the KV cache (0 at prefill).
+            position_ids (`torch.LongTensor` of shape `(B, T)`, *optional*): explicit positions (packed rows restart
+                them per segment); the largest one is checked instead of `past_length + T`.
+
+        Raises:
+            ValueError: `T == 0` without a cache, or a position at or past `max_position_embeddings`.
+        """
+        if length == 0 and past_length == 0:
+            raise ValueError(
+                "The prompt is empty (0 tokens): the language model needs at least one token to predict from. Start "
+                "the prompt with the tokenizer's BOS token or a chat template."
+            )
+        limit = getattr(self.config.get_text_config(), "max_position_embeddings", None)
+        reach = past_length + length
+        if position_ids is not None and position_ids.numel() and not torch.compiler.is_compiling():
+            reach = int(position_ids.max()) + 1
+        if isinstance(limit, int) and reach > limit:
+            raise ValueError(
+                f"The input reaches position {reach}, past the {limit} positions of the language "
+                f"model (`text_config.max_position_embeddings`); no position beyond {limit} was trained. Shorten the "
+                "prompt, use fewer or smaller images (M3: a lower `matryoshka_scale`), or lower `max_new_tokens`."
+            )
 
     def run_language_model(
         self,
@@ -373,22 +646,42 @@ class CommModel(CommPreTrainedModel):
         image_hidden_states: torch.FloatTensor | None,
         **kwargs,
     ) -> CommModelOutputWithPast:
-        """The LLM on `(B, T, D)` input embeddings (visual tokens already in place); shared by every family."""
+        """The LLM on `(B, T, D)` input embeddings (visual tokens already in place); shared by every family.
+
+        Returns a tuple when `kwargs` hold `return_dict=False`, so that a family `forward` not wrapped in
+        `can_return_tuple` (which handles `config.return_dict`) answers it as transformers' models do.
+
+        Raises:
+            ValueError: a call-time vision option reached the LLM (the images were encoded without it).
+        """
+        leftover = [name for name in VISION_OPTIONS if kwargs.get(name) is not None]
+        if leftover:
+            raise ValueError(
+                f"{leftover} cannot apply here: this forward encodes the images without them. Encode the images with "
+                "`get_image_features(pixel_values, vision_feature_layer=..., vision_feature_select_strategy=...)` and "
+                "pass the result as `mm_encoder_outputs={'image': ...}`."
+            )
+        for name in VISION_OPTIONS:
+            kwargs.pop(name, None)
+        return_dict = kwargs.pop("return_dict", None)
         outputs = self.language_model(
             attention_mask=attention_mask,
             position_ids=position_ids,
             past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
+            return_dict=True,
             **kwargs,
         )
-        return CommModelOutputWithPast(
+        output = CommModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_hidden_states=image_hidden_states,
         )
+        return output.to_tuple() if return_dict is False else output
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -398,8 +691,10 @@ class CommModel(CommPreTrainedModel):
         past_key_values: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
         **kwargs,
-    ) -> CommModelOutputWithPast:
+    ) -> CommModelOutputWithPast | tuple:
         """
         Args:
             input_ids (`torch.LongTensor` of shape `(B, T)`): text with expanded image placeholders.
@@ -407,9 +702,14 @@ class CommModel(CommPreTrainedModel):
                 run, in order of appearance.
             mm_encoder_outputs (`dict`, *optional*): precomputed `{"image": get_image_features(...)}` (generation
                 encodes images once before prefill and passes them here).
+            vision_feature_layer, vision_feature_select_strategy: encode `pixel_values` with these instead of the
+                config's (see [`CommModel.get_image_features`]).
         """
+        pixel_values, mm_encoder_outputs = self.encode_images_for_call(
+            pixel_values, mm_encoder_outputs, vision_feature_layer, vision_feature_select_strategy
+        )
         inputs_embeds, image_outputs, special_image_mask = self.embed_inputs(
-            input_ids, inputs_embeds, pixel_values, mm_encoder_outputs
+            input_ids, inputs_embeds, pixel_values, mm_encoder_outputs, past_key_values, position_ids
         )
         image_features = None
         if image_outputs is not None:
@@ -427,6 +727,7 @@ class CommForConditionalGeneration(CommPreTrainedModel, GenerationMixin):
     """COMM with a language-modeling head; generation encodes the images once, then decodes with the KV cache."""
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
 
     def __init__(self, config: CommConfig):
         super().__init__(config)
@@ -443,8 +744,63 @@ class CommForConditionalGeneration(CommPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
 
-    def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs) -> BaseModelOutputWithPooling:
+    def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs) -> BaseModelOutputWithPooling | tuple:
+        """See [`CommModel.get_image_features`]."""
         return self.model.get_image_features(pixel_values, **kwargs)
+
+    def _validate_generated_length(
+        self, generation_config: GenerationConfig, input_ids_length: int, has_default_max_length: bool
+    ) -> None:
+        """`GenerationMixin`'s length checks, plus the LLM's position table: a generation that would run past
+        `text_config.max_position_embeddings` is refused before it starts (an explicit `max_new_tokens` or
+        `max_length`), or stops at the last position (the default `max_length`, as transformers does for LLMs)."""
+        limit = getattr(self.config.get_text_config(), "max_position_embeddings", None)
+        if isinstance(limit, int) and generation_config.max_length > limit:
+            if has_default_max_length and generation_config.max_new_tokens is None:
+                generation_config.max_length = limit
+            else:
+                raise ValueError(
+                    f"Generating up to {generation_config.max_length} tokens ({input_ids_length} of prompt) runs past "
+                    f"the {limit} positions of the language model (`text_config.max_position_embeddings`). Lower "
+                    f"`max_new_tokens` to at most {limit - input_ids_length}, or shorten the prompt."
+                )
+        super()._validate_generated_length(generation_config, input_ids_length, has_default_max_length)
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        next_sequence_length: int | None = None,
+        past_key_values: Cache | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        is_first_iteration: bool | None = False,
+        **kwargs,
+    ) -> dict:
+        """`GenerationMixin.prepare_inputs_for_generation`, keeping the images for any forward whose KV cache is
+        still empty.
+
+        transformers runs an assistant model (`generate(assistant_model=...)`) as if past its first iteration, so it
+        would drop the images from the assistant's prefill, and the assistant would draft from placeholder embeddings
+        instead of visual tokens. With the images kept, an assistant of this family drafts from what the main model
+        sees.
+        """
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids,
+            next_sequence_length=next_sequence_length,
+            past_key_values=past_key_values,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            is_first_iteration=is_first_iteration,
+            **kwargs,
+        )
+        if (
+            not is_first_iteration
+            and kwargs.get("mm_encoder_outputs") is not None
+            and "mm_encoder_outputs" not in model_inputs
+            and (past_key_values is None or past_key_values.get_seq_length() == 0)
+        ):
+            model_inputs["mm_encoder_outputs"] = kwargs["mm_encoder_outputs"]
+        return model_inputs
 
     def lm_head_outputs(
         self,
@@ -467,6 +823,10 @@ class CommForConditionalGeneration(CommPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             labels = mask_image_labels(labels, input_ids, self.config.image_token_id)
+            if kwargs.get("shift_labels") is not None:  # pre-shifted targets (context parallelism) replace `labels`
+                kwargs["shift_labels"] = mask_image_shift_labels(
+                    kwargs["shift_labels"], input_ids, self.config.image_token_id
+                )
             loss = self.loss_function(
                 logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
             )
@@ -479,6 +839,7 @@ class CommForConditionalGeneration(CommPreTrainedModel, GenerationMixin):
             image_hidden_states=outputs.image_hidden_states,
         )
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -490,16 +851,23 @@ class CommForConditionalGeneration(CommPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
         **kwargs,
-    ) -> CommCausalLMOutputWithPast:
+    ) -> CommCausalLMOutputWithPast | tuple:
         """
         Args:
             labels (`torch.LongTensor` of shape `(B, T)`, *optional*): next-token targets (-100 = ignored), shifted
                 inside the loss as in transformers' causal LMs; image placeholder positions are never targets.
+                `shift_labels` `(B, T)` (pre-shifted targets, passed by context-parallel training) replace them in the
+                loss, as in transformers' causal LMs.
             logits_to_keep (`int` or `torch.Tensor`): compute logits only for the last `n` positions (0 = all).
 
         See [`CommModel.forward`] for the other arguments.
         """
+        pixel_values, mm_encoder_outputs = self.model.encode_images_for_call(
+            pixel_values, mm_encoder_outputs, vision_feature_layer, vision_feature_select_strategy
+        )
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -508,9 +876,16 @@ class CommForConditionalGeneration(CommPreTrainedModel, GenerationMixin):
             past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             mm_encoder_outputs=mm_encoder_outputs,
+            return_dict=True,
             **kwargs,
         )
         return self.lm_head_outputs(outputs, labels, logits_to_keep, input_ids=input_ids, **kwargs)
 
 
-__all__ = ["CommModel", "CommForConditionalGeneration", "CommPreTrainedModel", "mask_image_labels"]
+__all__ = [
+    "CommModel",
+    "CommForConditionalGeneration",
+    "CommPreTrainedModel",
+    "mask_image_labels",
+    "mask_image_shift_labels",
+]

@@ -29,9 +29,14 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.utils import logging
+from transformers.utils import can_return_tuple, logging
 
-from .configuration_matryoshka import MatryoshkaLlavaConfig, check_matryoshka_scale, choose_image_scales
+from .configuration_matryoshka import (
+    MatryoshkaLlavaConfig,
+    as_integer,
+    check_matryoshka_scale,
+    choose_image_scales,
+)
 from .modeling_comm import (
     CommCausalLMOutputWithPast,
     CommForConditionalGeneration,
@@ -39,8 +44,10 @@ from .modeling_comm import (
     CommModelOutputWithPast,
     CommPreTrainedModel,
     mask_image_labels,
+    mask_image_shift_labels,
 )
 from .packing_matryoshka import (
+    IGNORE_INDEX,
     _as_list,
     build_scale_batch,
     packed_attention_mask,
@@ -52,6 +59,26 @@ from .pooling_matryoshka import select_visual_tokens
 
 
 logger = logging.get_logger(__name__)
+
+
+def shifted_target_loss(logits: torch.Tensor, shift_labels: torch.Tensor) -> torch.Tensor:
+    """Token-mean cross-entropy against targets already aligned with the logits (no shift).
+
+    Args:
+        logits (`torch.Tensor` of shape `(B, T, V)`).
+        shift_labels (`torch.LongTensor` of shape `(B, T)`): `shift_labels[:, t]` is the target of position t
+            (-100 = ignored).
+
+    Returns:
+        `torch.Tensor` of shape `()`: 0 when every target is ignored.
+    """
+    shift_labels = shift_labels.to(logits.device)
+    targets = shift_labels.reshape(-1)
+    nll = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), targets, ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    weights = (targets != IGNORE_INDEX).float()
+    return (nll * weights).sum() / weights.sum().clamp(min=1.0)
 
 
 @dataclass
@@ -127,14 +154,17 @@ class MatryoshkaLlavaModel(CommModel):
                 tokens[i] = feats
         return tokens  # type: ignore[return-value]
 
+    @can_return_tuple
     def get_image_features(
         self,
         pixel_values: torch.FloatTensor,
         matryoshka_scale: int | None = None,
         matryoshka_image_scales: torch.LongTensor | list[int] | None = None,
         matryoshka_image_index: torch.LongTensor | list[int] | None = None,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
         **kwargs,
-    ) -> MatryoshkaImageOutput:
+    ) -> MatryoshkaImageOutput | tuple:
         """Encodes images into LLM-width visual tokens, pooled to the requested scales.
 
         Args:
@@ -142,25 +172,39 @@ class MatryoshkaLlavaModel(CommModel):
             matryoshka_scale (`int`, *optional*): one scale for every image.
             matryoshka_image_scales (`torch.LongTensor` of shape `(num_runs,)`, *optional*): tokens of each image run.
             matryoshka_image_index (`torch.LongTensor` of shape `(num_runs,)`, *optional*): image of each run.
+            vision_feature_layer, vision_feature_select_strategy, kwargs: see [`CommModel.get_image_features`].
 
         Returns:
-            [`MatryoshkaImageOutput`]: `last_hidden_state` is the full `(num_images, g * g, hidden_size)` grid;
-            `pooler_output` the tokens per run (the full grids when no scale is given, then
-            `matryoshka_image_scales` is `None`).
+            [`MatryoshkaImageOutput`] (a tuple with `return_dict=False`): the primary encoder's outputs as for
+            [`CommModel`], with `pooler_output` the tokens per run (the full `(g * g, hidden_size)` grids when no
+            scale is given, then `matryoshka_image_scales` is `None`).
         """
-        full = super().get_image_features(pixel_values).last_hidden_state
+        outputs = super().get_image_features(
+            pixel_values,
+            vision_feature_layer=vision_feature_layer,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            return_dict=True,
+            **kwargs,
+        )
+        full = torch.stack(list(outputs.pooler_output))  # (num_images, g * g, hidden_size)
+        encoder_outputs = {
+            "last_hidden_state": outputs.last_hidden_state,
+            "hidden_states": outputs.hidden_states,
+            "attentions": outputs.attentions,
+        }
         scales = _as_list(matryoshka_image_scales)
         if scales is None and matryoshka_scale is not None:
-            scales = [int(matryoshka_scale)] * full.shape[0]
+            scales = [as_integer(matryoshka_scale, "matryoshka_scale")] * full.shape[0]
         if scales is None:
-            return MatryoshkaImageOutput(last_hidden_state=full, pooler_output=list(full))
+            return MatryoshkaImageOutput(pooler_output=list(full), **encoder_outputs)
         tokens = self.select_tokens(full, scales, _as_list(matryoshka_image_index))
         return MatryoshkaImageOutput(
-            last_hidden_state=full,
             pooler_output=tokens,
             matryoshka_image_scales=torch.tensor(scales, dtype=torch.long, device=full.device),
+            **encoder_outputs,
         )
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -174,8 +218,10 @@ class MatryoshkaLlavaModel(CommModel):
         matryoshka_image_scales: torch.LongTensor | None = None,
         matryoshka_image_index: torch.LongTensor | None = None,
         matryoshka_segment_ids: torch.LongTensor | None = None,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
         **kwargs,
-    ) -> CommModelOutputWithPast:
+    ) -> CommModelOutputWithPast | tuple:
         """
         Args:
             input_ids (`torch.LongTensor` of shape `(B, T)`): text whose image placeholder runs hold each image's
@@ -192,9 +238,14 @@ class MatryoshkaLlavaModel(CommModel):
             matryoshka_segment_ids (`torch.LongTensor` of shape `(B, T)`, *optional*): the segments of every row of a
                 re-laid training batch (`MatryoshkaScaleBatch.segment_ids`); plain and packed rows then run as two
                 trimmed LLM calls, packed ones under the 4D mask built from the segments.
+            vision_feature_layer, vision_feature_select_strategy: encode `pixel_values` with these instead of the
+                config's (see [`CommModel.get_image_features`]).
         """
+        pixel_values, mm_encoder_outputs = self.encode_images_for_call(
+            pixel_values, mm_encoder_outputs, vision_feature_layer, vision_feature_select_strategy
+        )
         inputs_embeds, image_outputs, mask = self.embed_inputs(
-            input_ids, inputs_embeds, pixel_values, mm_encoder_outputs
+            input_ids, inputs_embeds, pixel_values, mm_encoder_outputs, past_key_values, position_ids
         )
         image_features = None
         if image_outputs is not None:
@@ -225,13 +276,16 @@ class MatryoshkaLlavaModel(CommModel):
     def _run_scale_rows(self, inputs_embeds, position_ids, segment_ids, image_features, kwargs):
         """Runs a re-laid training batch (right-padded rows) as two LLM calls, plain rows (causal) and packed rows (4D
         mask from `segment_ids`), each trimmed to its longest row; rows are independent, so this equals one call on
-        the padded batch. Padding positions of the returned `last_hidden_state` are zero."""
-        if kwargs.get("output_hidden_states") or kwargs.get("output_attentions"):
-            raise ValueError("A re-laid Matryoshka training batch returns no per-layer hidden states or attentions.")
+        the padded batch. Padding positions of the returned `last_hidden_state` (and of the per-layer `hidden_states`
+        and `attentions`, when requested) are zero."""
         lengths, packed = (segment_ids >= 0).sum(1), segment_ids.amax(1) > 1
         attn = getattr(self.language_model.config, "_attn_implementation", None)
         mask_dtype = inputs_embeds.dtype if attn == "eager" else None  # additive for eager, bool for SDPA
+        rows, total = inputs_embeds.shape[:2]
+        kwargs = {key: value for key, value in kwargs.items() if key != "return_dict"}
         hidden = torch.zeros_like(inputs_embeds)
+        layer_hidden: list[torch.Tensor | None] | None = None
+        layer_attentions: list[torch.Tensor | None] | None = None
         for is_packed in (False, True):
             idx = (packed == is_packed).nonzero().squeeze(1)
             if idx.numel() == 0:
@@ -244,10 +298,34 @@ class MatryoshkaLlavaModel(CommModel):
                 mask = (torch.arange(length, device=idx.device)[None] < lengths[idx, None]).long()
                 positions = None
             out = self.language_model(
-                inputs_embeds=inputs_embeds[idx, :length], attention_mask=mask, position_ids=positions, **kwargs
+                inputs_embeds=inputs_embeds[idx, :length],
+                attention_mask=mask,
+                position_ids=positions,
+                return_dict=True,
+                **kwargs,
             )
-            hidden = hidden.index_copy(0, idx, F.pad(out.last_hidden_state, (0, 0, 0, hidden.shape[1] - length)))
-        return CommModelOutputWithPast(last_hidden_state=hidden, image_hidden_states=image_features)
+            hidden = hidden.index_copy(0, idx, F.pad(out.last_hidden_state, (0, 0, 0, total - length)))
+            if out.hidden_states is not None:  # each (n, length, D) -> (rows, total, D)
+                layer_hidden = layer_hidden or [None] * len(out.hidden_states)
+                for i, state in enumerate(out.hidden_states):
+                    if state is not None:
+                        merged = layer_hidden[i] if layer_hidden[i] is not None else torch.zeros_like(hidden)
+                        layer_hidden[i] = merged.index_copy(0, idx, F.pad(state, (0, 0, 0, total - length)))
+            if out.attentions is not None:  # each (n, heads, length, length) -> (rows, heads, total, total)
+                layer_attentions = layer_attentions or [None] * len(out.attentions)
+                for i, weights in enumerate(out.attentions):
+                    if weights is not None:
+                        merged = layer_attentions[i]
+                        if merged is None:
+                            merged = weights.new_zeros(rows, weights.shape[1], total, total)
+                        pad = (0, total - length, 0, total - length)
+                        layer_attentions[i] = merged.index_copy(0, idx, F.pad(weights, pad))
+        return CommModelOutputWithPast(
+            last_hidden_state=hidden,
+            hidden_states=None if layer_hidden is None else tuple(layer_hidden),
+            attentions=None if layer_attentions is None else tuple(layer_attentions),
+            image_hidden_states=image_features,
+        )
 
     def _image_tokens(self, image_outputs, mask, scale, run_scales, run_index) -> torch.Tensor:
         """`(total_visual_tokens, hidden_size)` for the placeholder mask: pooled outputs as they are, or full grids
@@ -255,13 +333,12 @@ class MatryoshkaLlavaModel(CommModel):
         if getattr(image_outputs, "matryoshka_image_scales", None) is not None:
             features = torch.cat(list(image_outputs.pooler_output), dim=0)
         else:
-            full = image_outputs.last_hidden_state
-            if full is None or full.ndim != 3:
-                full = torch.stack(list(image_outputs.pooler_output))
+            full = torch.stack(list(image_outputs.pooler_output))  # (num_images, g * g, hidden_size)
             index = _as_list(run_index)
             num_runs = full.shape[0] if index is None else len(index)
             if run_scales is None and scale is not None:
-                run_scales = [int(scale)] * num_runs
+                scale = as_integer(scale, "matryoshka_scale")
+                run_scales = [scale] * num_runs
                 if int(scale) * num_runs != int(mask.sum()):
                     raise ValueError(
                         f"matryoshka_scale={scale} needs {int(scale) * num_runs} image tokens for {num_runs} image(s) "
@@ -302,11 +379,13 @@ class MatryoshkaLlavaForConditionalGeneration(CommForConditionalGeneration):
         self.post_init()
         self.lm_head.requires_grad_(config.train_language_model)
 
-    def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs) -> MatryoshkaImageOutput:
+    def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs) -> MatryoshkaImageOutput | tuple:
+        """See [`MatryoshkaLlavaModel.get_image_features`]."""
         return self.model.get_image_features(pixel_values, **kwargs)
 
     # ---- forward / loss ---------------------------------------------------------------------------------------
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -322,8 +401,10 @@ class MatryoshkaLlavaForConditionalGeneration(CommForConditionalGeneration):
         matryoshka_image_scales: torch.LongTensor | None = None,
         matryoshka_image_index: torch.LongTensor | None = None,
         matryoshka_segment_ids: torch.LongTensor | None = None,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
         **kwargs,
-    ) -> MatryoshkaCausalLMOutputWithPast:
+    ) -> MatryoshkaCausalLMOutputWithPast | tuple:
         """
         Args:
             labels (`torch.LongTensor` of shape `(B, T)`, *optional*): next-token targets (-100 = ignored). The batch
@@ -333,9 +414,27 @@ class MatryoshkaLlavaForConditionalGeneration(CommForConditionalGeneration):
                 targets. A batch the training collator already re-laid keeps its rows: the loss is their token mean.
             matryoshka_scale (`int`, *optional*): without labels, the scale the placeholders hold (checked); with
                 labels, the single scale to train.
+            shift_labels (`torch.LongTensor` of shape `(B, T)`, *optional*, in `kwargs`): targets already aligned with
+                the logits (context-parallel training passes them with `labels`); they replace `labels` in the loss.
+                A batch this forward re-lays for the scales gets them as `labels` (`shift_labels[:, t]` becomes the
+                label of position t + 1), so the last position's target, which lies past the input, is not scored:
+                re-lay such batches beforehand with `comm_vlm.training.TrainingBatchCollator`, then every target is.
 
         See [`MatryoshkaLlavaModel.forward`] for the other arguments.
         """
+        shift_labels = kwargs.pop("shift_labels", None)
+        if shift_labels is not None:
+            shift_labels = mask_image_shift_labels(shift_labels, input_ids, self.config.image_token_id)
+            has_images = pixel_values is not None or (mm_encoder_outputs or {}).get("image") is not None
+            if has_images and matryoshka_image_index is None:  # the batch is re-laid below, from `labels`
+                if bool((shift_labels[:, -1] != IGNORE_INDEX).any()):
+                    logger.warning_once(
+                        "Matryoshka-LLaVA re-lays this batch for its scales from `labels`: the target of the last "
+                        "position in `shift_labels` lies past the input and is not scored. Re-lay the batch with "
+                        "`comm_vlm.training.TrainingBatchCollator` beforehand to score every target."
+                    )
+                labels = torch.cat([torch.full_like(shift_labels[:, :1], IGNORE_INDEX), shift_labels[:, :-1]], dim=1)
+                shift_labels = None
         call = dict(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -349,13 +448,19 @@ class MatryoshkaLlavaForConditionalGeneration(CommForConditionalGeneration):
             matryoshka_image_scales=matryoshka_image_scales,
             matryoshka_image_index=matryoshka_image_index,
             matryoshka_segment_ids=matryoshka_segment_ids,
+            vision_feature_layer=vision_feature_layer,
+            vision_feature_select_strategy=vision_feature_select_strategy,
         )
         call, scale_batch = relay_training_inputs(self.config, call, weighted=True, training=self.training)
         labels = call.pop("labels")
         kwargs.pop("num_items_in_batch", None)
-        outputs = self.lm_head_outputs(self.model(**call, **kwargs), None, logits_to_keep)
+        outputs = self.lm_head_outputs(self.model(**call, **kwargs, return_dict=True), None, logits_to_keep)
         loss = None
-        if labels is not None:
+        if shift_labels is not None:
+            if outputs.logits.shape[1] != shift_labels.shape[1]:
+                raise ValueError("`shift_labels` need the logits of every position; leave logits_to_keep at 0.")
+            loss = shifted_target_loss(outputs.logits, shift_labels)
+        elif labels is not None:
             if outputs.logits.shape[1] != labels.shape[1]:
                 raise ValueError("`labels` need the logits of every position; leave logits_to_keep at 0.")
             label_weights = None if scale_batch is None else scale_batch.label_weights
@@ -401,6 +506,10 @@ class MatryoshkaLlavaForConditionalGeneration(CommForConditionalGeneration):
             return super().generate(input_ids, *args, **kwargs)
         if matryoshka_scale is not None and visual_token_budget is not None:
             raise ValueError("Pass either matryoshka_scale or visual_token_budget, not both.")
+        if matryoshka_scale is not None:
+            matryoshka_scale = as_integer(matryoshka_scale, "matryoshka_scale")
+        if visual_token_budget is not None:
+            visual_token_budget = as_integer(visual_token_budget, "visual_token_budget")
         attention_mask = kwargs.get("attention_mask")
         mask = input_ids == self.config.image_token_id
         if attention_mask is not None:
@@ -410,7 +519,7 @@ class MatryoshkaLlavaForConditionalGeneration(CommForConditionalGeneration):
         )
         current = [[length for _, length in row] for row in occurrences]
         if matryoshka_scale is not None:
-            target = [[int(matryoshka_scale)] * len(row) for row in current]
+            target = [[matryoshka_scale] * len(row) for row in current]
         elif visual_token_budget is not None:
             scales = self.config.matryoshka_scales
             target = [choose_image_scales(len(row), visual_token_budget, scales, budget_strategy) for row in current]

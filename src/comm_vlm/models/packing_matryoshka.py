@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .configuration_matryoshka import check_matryoshka_scale
+from .configuration_matryoshka import as_integer, check_matryoshka_scale
 
 
 IGNORE_INDEX = -100
@@ -412,8 +412,9 @@ def build_training_scale_batch(
     occurrences = split_image_occurrences(mask, num_images, counts)
     counts = [length for row in occurrences for _, length in row]
     if matryoshka_scale is not None:
-        check_matryoshka_scale(int(matryoshka_scale), config.matryoshka_grid)
-        variants = [[[int(matryoshka_scale)] * len(occ)] for occ in occurrences]
+        matryoshka_scale = as_integer(matryoshka_scale, "matryoshka_scale")
+        check_matryoshka_scale(matryoshka_scale, config.matryoshka_grid)
+        variants = [[[matryoshka_scale] * len(occ)] for occ in occurrences]
     elif config.matryoshka_training_mode == "random_scale" and training:
         scales = config.matryoshka_scales
         picks = torch.randint(len(scales), (len(occurrences),)).tolist()

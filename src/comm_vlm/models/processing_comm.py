@@ -18,10 +18,24 @@ import torch
 from transformers.processing_utils import MultiModalData, ProcessorMixin
 from transformers.utils import logging
 
-from .image_utils import _load_images, denormalize_box, format_box, load_image, normalize_box, parse_boxes
+from .image_utils import (
+    denormalize_box,
+    format_box,
+    install_pipeline_image_loading,
+    load_image,
+    load_images,
+    normalize_box,
+    parse_boxes,
+)
 
 
 logger = logging.get_logger(__name__)
+
+# pipeline("image-text-to-text") loads images with the processor's `load_images` too (see image_utils).
+install_pipeline_image_loading()
+
+# `tokenizer.model_max_length` of a tokenizer that records no limit (transformers' `VERY_LARGE_INTEGER`, about 1e30).
+_NO_LENGTH_LIMIT = int(1e20)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Processor
@@ -46,8 +60,9 @@ def _num_tokens_from_image_processor(image_processor: Any, patch_size: int) -> i
 class CommProcessor(ProcessorMixin):
     """Wraps an image processor and a tokenizer; each image placeholder becomes `num_image_tokens` image tokens.
 
-    Every image is converted with `load_image` (RGB, alpha on white, 16-bit/float scaled, corrupt files rejected)
-    before the image processor sees it.
+    Every image is converted with `load_image` (upright 8-bit RGB: EXIF orientation applied, alpha on white,
+    16-bit/float scaled, NaN and corrupt files rejected, URLs fetched with a timeout) before the image processor sees
+    it, in direct calls, chat templates and `pipeline("image-text-to-text")` alike.
 
     Args:
         image_processor (`BaseImageProcessor`): resizes/crops/normalizes images (a CLIP image processor for COMM).
@@ -57,7 +72,14 @@ class CommProcessor(ProcessorMixin):
         image_token (`str`, defaults to `"<image>"`): the placeholder to write in prompts, once per image.
         chat_template (`str`, *optional*): Jinja chat template; defaults to the tokenizer's.
         patch_size (`int`, *optional*, keyword only): vision patch size, used only to derive `num_image_tokens`.
+
+    Call arguments for image loading: `image_timeout` (`float`): seconds to wait for an image URL (default
+    `$COMM_VLM_IMAGE_TIMEOUT`, else 10); `max_image_pixels` (`int`): largest `width * height` accepted (default
+    `$COMM_VLM_MAX_IMAGE_PIXELS`, else 89,478,485; 0 = no limit).
     """
+
+    # pipeline("image-text-to-text") hands its images to `load_images` (see `install_pipeline_image_loading`).
+    handles_image_loading = True
 
     def __init__(
         self,
@@ -97,13 +119,74 @@ class CommProcessor(ProcessorMixin):
         self.image_token = image_token
         self.image_token_id = token_id
 
-    def prepare_inputs_layout(
-        self, images: Any = None, text: Any = None, videos: Any = None, audio: Any = None, **kwargs
-    ):
-        """Converts every image with `load_image`, then defers to `ProcessorMixin.prepare_inputs_layout`."""
+    def load_images(self, images: Any, image_timeout: float | None = None, max_image_pixels: int | None = None) -> Any:
+        """Upright 8-bit RGB PIL images from paths, URLs, PIL images, arrays or tensors, nesting kept (`load_images`).
+
+        Args:
+            images: an image or (nested) lists of images; a 4-D array `(N, ...)` is N images.
+            image_timeout (`float`, *optional*): seconds to wait for an image URL.
+            max_image_pixels (`int`, *optional*): largest `width * height` accepted; 0 for no limit.
+        """
+        return load_images(images, timeout=image_timeout, max_image_pixels=max_image_pixels)
+
+    def __call__(self, images: Any = None, text: Any = None, videos: Any = None, audio: Any = None, **kwargs: Any):
+        """`ProcessorMixin.__call__`, refusing prompts the model cannot answer as written (see `check_text_rows`).
+        Images go through `load_images` first (call arguments `image_timeout`, `max_image_pixels`)."""
+        image_timeout, max_image_pixels = kwargs.pop("image_timeout", None), kwargs.pop("max_image_pixels", None)
         if images is not None:
-            images = _load_images(images)
-        return super().prepare_inputs_layout(images=images, text=text, videos=videos, audio=audio, **kwargs)
+            images = self.load_images(images, image_timeout, max_image_pixels)
+        outputs = super().__call__(images=images, text=text, videos=videos, audio=audio, **kwargs)
+        if text is not None:
+            truncation = kwargs.get("truncation", kwargs.get("text_kwargs", {}).get("truncation"))
+            self.check_text_rows(outputs, truncated=truncation not in (None, False, "do_not_truncate"))
+        return outputs
+
+    def check_text_rows(self, outputs: Any, truncated: bool = False) -> None:
+        """Refuses an empty prompt and, unless the call asked for truncation, a prompt longer than the tokenizer's
+        `model_max_length` (the language model's positions when the tokenizer records them).
+
+        Image placeholders and images that do not match are refused by `ProcessorMixin`, as are truncations that cut
+        placeholders. With `truncation=True` a long prompt is cut to `max_length` (or `model_max_length`) by the
+        tokenizer, from the side `tokenizer.truncation_side` names.
+
+        Args:
+            outputs (`BatchFeature`): the processor's output, with `input_ids` `(B, T)` (a tensor or lists) and
+                optionally `attention_mask` `(B, T)`.
+            truncated (`bool`): whether the call asked the tokenizer to truncate.
+
+        Raises:
+            ValueError: a row with no token, or a row longer than `tokenizer.model_max_length`.
+        """
+        input_ids = outputs.get("input_ids")
+        if input_ids is None:
+            return
+        masks = outputs.get("attention_mask")
+        rows = input_ids.tolist() if isinstance(input_ids, torch.Tensor) else input_ids
+        rows = [rows] if rows and not isinstance(rows[0], (list, tuple)) else rows
+        if masks is not None:
+            masks = masks.tolist() if isinstance(masks, torch.Tensor) else masks
+            masks = [masks] if masks and not isinstance(masks[0], (list, tuple)) else masks
+            lengths = [int(sum(mask)) for mask in masks]
+        else:
+            lengths = [len(row) for row in rows]
+        empty = [i for i, length in enumerate(lengths) if length == 0]
+        if empty:
+            raise ValueError(
+                f"Prompt(s) {empty} are empty after tokenization: the language model needs at least one token to "
+                "predict from. Write the prompt (or apply the chat template, which adds the roles) before calling "
+                "the processor."
+            )
+        limit = getattr(self.tokenizer, "model_max_length", None)
+        if truncated or not isinstance(limit, int) or limit >= _NO_LENGTH_LIMIT:
+            return
+        too_long = {i: length for i, length in enumerate(lengths) if length > limit}
+        if too_long:
+            raise ValueError(
+                f"Prompt(s) {sorted(too_long)} have {sorted(set(too_long.values()))} tokens, more than the "
+                f"{limit} positions of the language model (`tokenizer.model_max_length`), which would read them past "
+                "its position table. Shorten the prompt or use fewer images (M3: a lower `matryoshka_scale` or "
+                "`visual_token_budget`); `truncation=True` cuts the text to `max_length` instead."
+            )
 
     def _adjust_assistant_masks_indices(self, processed_dict: dict[str, Any], generation_indices: list[list[int]]):
         """`ProcessorMixin`'s assistant-token masks, computed on the offset tensor instead of element by element.

@@ -24,7 +24,12 @@ import torch
 from transformers.processing_utils import ImagesKwargs, MultiModalData, ProcessingKwargs
 from transformers.utils import logging
 
-from .configuration_matryoshka import check_matryoshka_scale, choose_image_scales, default_matryoshka_scales
+from .configuration_matryoshka import (
+    as_integer,
+    check_matryoshka_scale,
+    choose_image_scales,
+    default_matryoshka_scales,
+)
 from .processing_comm import CommProcessor
 
 
@@ -114,7 +119,7 @@ class MatryoshkaLlavaProcessor(CommProcessor):
                 counts += choose_image_scales(n, visual_token_budget, self.matryoshka_scales, budget_strategy)
             return counts
         scale = self.matryoshka_default_scale if matryoshka_scale is None else matryoshka_scale
-        check_matryoshka_scale(scale, self.grid)
+        check_matryoshka_scale(as_integer(scale, "matryoshka_scale"), self.grid)
         return [scale] * sum(per_prompt)
 
     def __call__(self, images: Any = None, text: Any = None, videos: Any = None, audio: Any = None, **kwargs: Any):

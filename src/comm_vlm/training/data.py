@@ -40,6 +40,7 @@ from PIL import Image as PILImage
 from transformers.utils import logging
 
 from ..models.image_utils import format_box, load_image, normalize_box
+from ..prompts import REC_PROMPT, REG_PROMPT
 from .sources import describe_source, read_records, source_kind, undecoded_image_feature
 
 
@@ -48,9 +49,7 @@ logger = logging.get_logger(__name__)
 IMAGE_PLACEHOLDER = "<image>"
 BOXES_PLACEHOLDER = "<boxes>"
 PHRASE_START, PHRASE_END = "<ph_st>", "<ph_ed>"  # Shikra's marks around a grounded phrase
-# Questions of Shikra's template records; REC and REG ask as the evaluation does (`comm_vlm.demo.scenes.PROMPTS`).
-REC_PROMPT = "Please provide the bounding box coordinate of the region this sentence describes: {expression}."
-REG_PROMPT = "Please provide a short description for this region: {box}."
+# Questions of Shikra's template records; REC and REG ask as the evaluation does (`comm_vlm.prompts`).
 GROUNDED_CAPTION_PROMPT = "Briefly describe the image, with the box of each object you mention."
 GROUNDED_REASONING_PROMPT = "Explain your answer step by step, with the box of each object you mention."
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
