@@ -51,7 +51,7 @@ VISION = {
     "image_size": 336,
     "patch_size": 14,
 }
-TEXT = tiny_text_config(VOCAB, hidden_size=512, num_layers=4)
+TEXT = tiny_text_config(VOCAB, hidden_size=512, num_layers=4, max_position_embeddings=4096)  # Vicuna's positions
 SETUP = {"device": torch.device("cpu"), "dtype": torch.float32}
 
 
@@ -297,6 +297,7 @@ def main() -> None:
             num_layers=args.llm_layers,
             num_attention_heads=heads,
             num_key_value_heads=heads // 2,
+            max_position_embeddings=4096,
         )
     )
     device_name = torch.cuda.get_device_name() if SETUP["device"].type == "cuda" else cpu_name()
