@@ -145,6 +145,9 @@ class AdaptiveCombinerPreTrainedModel(CommPreTrainedModel):
     # attention implementation: both are declined here, so vLLM refuses the combiner instead of serving it wrongly.
     _supports_attention_backend = False
     _can_set_attn_implementation_cached_value = False
+    # Sharding units (FSDP, `device_map`) besides the encoders' and the LLM's layers: the resamplers and the fusion
+    # step (at LLaVA-7B width 84M, 84M and 403M parameters), so the root unit does not hold the whole combiner.
+    _no_split_modules = ["LatentResampler", "FusionStep"]
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
