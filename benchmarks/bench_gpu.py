@@ -46,7 +46,8 @@ from typing import Any
 import torch
 import transformers
 from bench_matryoshka import count_flops
-from memory_model import GIB, Precision, build_shape, load_published_configs, predict_peak
+from bench_utils import load_published_configs
+from memory_model import GIB, Precision, build_shape, predict_peak
 from transformers import LlavaForConditionalGeneration
 
 from comm_vlm.families import get_family

@@ -47,14 +47,8 @@ from typing import Any
 import torch
 import transformers
 from bench_matryoshka import count_flops
-from bench_utils import cpu_name, interleaved_times
-from memory_model import (
-    Precision,
-    activation_bytes,
-    build_shape,
-    load_published_configs,
-    prediction_table,
-)
+from bench_utils import cpu_name, interleaved_times, load_published_configs
+from memory_model import Precision, activation_bytes, build_shape, prediction_table
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration

@@ -1,9 +1,25 @@
 """Helpers shared by the benchmark scripts (run as `python benchmarks/<name>.py`, so this folder is on sys.path)."""
 
+import importlib.util
 import platform
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_published_configs() -> ModuleType:
+    """`tests/published_configs.py` (the published-config fixtures and the paper-scale builds the tests share),
+    imported by path."""
+    path = ROOT / "tests" / "published_configs.py"
+    spec = importlib.util.spec_from_file_location("published_configs", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def cpu_name() -> str:

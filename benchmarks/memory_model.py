@@ -45,19 +45,17 @@ Run: `PYTHONPATH=src python benchmarks/memory_model.py [--output results_memory_
 from __future__ import annotations
 
 import argparse
-import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 
 import torch
+from bench_utils import load_published_configs
 from torch import nn
 
 from comm_vlm.families import get_family
 from comm_vlm.training.stages import apply_stage
 
 
-ROOT = Path(__file__).resolve().parents[1]
 GIB = 1024**3
 GPU_GIB = 80.0  # one 80 GB A100/H100
 RESERVE_GIB = 5.0  # CUDA context, NCCL buffers, allocator fragmentation: not modelled, kept free
@@ -124,15 +122,6 @@ class BuildShape:
     largest_trained: int = 0
     logits_copies: int = 0
     notes: list[str] = field(default_factory=list)
-
-
-def load_published_configs() -> ModuleType:
-    """`tests/published_configs.py` imported by path (as `param_counts.py` does)."""
-    path = ROOT / "tests" / "published_configs.py"
-    spec = importlib.util.spec_from_file_location("published_configs", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def layer_bytes_per_token(shape: BuildShape, e: int) -> int:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import platform
 import sys
 from pathlib import Path
@@ -22,11 +21,10 @@ from types import ModuleType
 
 import torch
 import transformers
+from bench_utils import load_published_configs
 
 from comm_vlm.families import get_family
 
-
-ROOT = Path(__file__).resolve().parents[1]
 
 # What the sources say about each build's size; none of the three papers states a total parameter count.
 REFERENCES: dict[str, tuple[float | None, str]] = {
@@ -37,15 +35,6 @@ REFERENCES: dict[str, tuple[float | None, str]] = {
     "combiner-llava-1.5-7b": (None, "no number for this build (the paper's own small model: 350M, not LLaVA)"),
     "comm-siglip-so400m": (None, "not a paper model"),
 }
-
-
-def load_published_configs() -> ModuleType:
-    """`tests/published_configs.py` (the fixture loader and builds shared with the tests), imported by path."""
-    path = ROOT / "tests" / "published_configs.py"
-    spec = importlib.util.spec_from_file_location("published_configs", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def build_all(published: ModuleType) -> dict[str, torch.nn.Module]:
