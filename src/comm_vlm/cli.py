@@ -31,10 +31,7 @@ answers at once.
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -372,7 +369,7 @@ def _assemble(args: argparse.Namespace) -> int:
     if output.exists() and any(output.iterdir()) and not args.overwrite:
         raise ValueError(f"{output} exists and is not empty; pass --overwrite or another directory.")
     from .assemble import assemble_comm
-    from .hub import ModelCardInfo, save_for_hub
+    from .hub import ModelCardInfo, save_for_hub_into
 
     parts = {"vision": args.vision, "secondary_vision": args.secondary_vision, "text": args.text}
     model, processor = assemble_comm(family=args.family, dtype=args.dtype, **parts, **_fields(args.fields))
@@ -385,11 +382,7 @@ def _assemble(args: argparse.Namespace) -> int:
             + "; the connector and projector are freshly initialised: train stage 1 before use."
         ],
     )
-    with tempfile.TemporaryDirectory(prefix=f".{output.name}.assembling-", dir=output.parent) as tmp:
-        files = save_for_hub(model, Path(tmp) / "out", processor, card, max_shard_size=args.max_shard_size)
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(Path(tmp) / "out", output)
+    files = save_for_hub_into(model, output, processor, card, max_shard_size=args.max_shard_size)
     sys.stdout.write(f"wrote {output}: {', '.join(files)}\n")
     return 0
 

@@ -43,7 +43,7 @@ from transformers.utils import logging
 
 from .chat_templates import VICUNA_SYSTEM_PROMPT, vicuna_chat_template
 from .families import clip_image_processor
-from .hub import ModelCardInfo, save_for_hub
+from .hub import ModelCardInfo, save_for_hub_into
 from .models.processing_comm import CommProcessor
 
 
@@ -481,10 +481,7 @@ def convert_checkpoint(
         save_file({k: v.contiguous() for k, v in state_dict.items()}, staging / "model.safetensors", {"format": "pt"})
         dtype = state_dict["model.language_model.embed_tokens.weight"].dtype
         model = model_class.from_pretrained(staging, dtype=dtype).eval()
-        files = save_for_hub(model, workdir / "out", processor, card=card, max_shard_size=max_shard_size)
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(workdir / "out", output)
+        files = save_for_hub_into(model, output, processor, card=card, max_shard_size=max_shard_size, workdir=workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return files

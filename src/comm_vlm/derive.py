@@ -29,7 +29,7 @@ from transformers import AutoConfig, AutoProcessor
 from transformers.utils import logging
 
 from .families import FAMILIES, check_config_fields, family_processor, get_family
-from .hub import ModelCardInfo, save_for_hub
+from .hub import ModelCardInfo, save_for_hub_into
 
 
 logger = logging.get_logger(__name__)
@@ -159,10 +159,9 @@ def derive_checkpoint(
         _refuse_mismatch(
             source, source_config.model_type, target, set(info["unexpected_keys"]), set(info["missing_keys"]), new
         )
-        written = save_for_hub(model.eval(), workdir / "out", processor, card=card, max_shard_size=max_shard_size)
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(workdir / "out", output)
+        written = save_for_hub_into(
+            model.eval(), output, processor, card=card, max_shard_size=max_shard_size, workdir=workdir
+        )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return written

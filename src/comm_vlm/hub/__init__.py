@@ -23,7 +23,7 @@ from .cards import (
     training_from_provenance,
     training_from_recipe,
 )
-from .push import push_to_hub, save_for_hub
+from .push import push_to_hub, save_for_hub, save_for_hub_into
 from .remote_code import REMOTE_CODE_ALLOWED_IMPORTS, check_remote_code, remote_code_export
 
 
@@ -42,6 +42,7 @@ __all__ = [
     "remote_code_export",
     "render_model_card",
     "save_for_hub",
+    "save_for_hub_into",
     "training_from_provenance",
     "training_from_recipe",
 ]

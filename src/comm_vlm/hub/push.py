@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,28 @@ def _training_record(model: Any, provenance: dict[str, Any] | str | os.PathLike 
             "the run directory), or `provenance=False`."
         )
     return record
+
+
+def save_for_hub_into(
+    model: Any,
+    output_dir: str | os.PathLike,
+    processor: Any = None,
+    card: ModelCardInfo | None = None,
+    max_shard_size: int | str = "5GB",
+    workdir: str | os.PathLike | None = None,
+) -> list[str]:
+    """`save_for_hub` into `output_dir` as a whole: written in a temporary directory (under `workdir`, default a
+    sibling of `output_dir`), then renamed into place, replacing what was there. A failure leaves `output_dir` as it
+    was. Returns the written files, as `save_for_hub`."""
+    output_dir = Path(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{output_dir.name}.writing-", dir=workdir or output_dir.parent) as tmp:
+        built = Path(tmp) / "out"
+        files = save_for_hub(model, built, processor, card, max_shard_size=max_shard_size)
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        os.replace(built, output_dir)
+    return files
 
 
 def push_to_hub(
