@@ -5,6 +5,7 @@ is defined without it (each row alone, the expanded batch, greedy decoding)."""
 
 import pytest
 import torch
+from test_combiner_model import randomize  # random values everywhere: open gates, LayerNorm affine
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from comm_vlm import AdaptiveCombinerConfig, AdaptiveCombinerForConditionalGeneration
@@ -16,16 +17,6 @@ N = 4  # fused tokens per image (the encoder gives 16 visual tokens per image)
 IMG = [IMAGE_TOKEN_ID] * N
 PAD = 3
 NEW = 4  # new tokens per generation: enough for beams to diverge, short enough to keep the file fast
-
-
-def randomize(model):
-    """Random values everywhere (open gates, LayerNorm affine), so no check passes on an initialisation."""
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            param.copy_(torch.randn_like(param) * 0.1 + (1.0 if "norm" in name and "weight" in name else 0.0))
-            if name.endswith("_gate"):
-                param.fill_(0.7)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
