@@ -1,7 +1,7 @@
 """The model families: a registry of their config, model and processor classes, and their processors.
 
-A family is named by its `model_type` (`comm`, `matryoshka_llava`, `adaptive_combiner`). Code that builds, converts,
-assembles or trains a model looks its classes up here instead of branching on the name.
+A family is named by its `model_type` (`comm`, `matryoshka_llava`, `adaptive_combiner`, `matryoshka_llava_next`).
+Code that builds, converts, assembles or trains a model looks its classes up here instead of branching on the name.
 """
 
 from __future__ import annotations
@@ -14,11 +14,14 @@ from .chat_templates import CHAT_TEMPLATE
 from .models.configuration_combiner import AdaptiveCombinerConfig
 from .models.configuration_comm import CommConfig
 from .models.configuration_matryoshka import MatryoshkaLlavaConfig
+from .models.configuration_matryoshka_next import MatryoshkaLlavaNextConfig
 from .models.modeling_combiner import AdaptiveCombinerForConditionalGeneration, AdaptiveCombinerModel
 from .models.modeling_comm import CommForConditionalGeneration, CommModel
 from .models.modeling_matryoshka import MatryoshkaLlavaForConditionalGeneration, MatryoshkaLlavaModel
+from .models.modeling_matryoshka_next import MatryoshkaLlavaNextForConditionalGeneration, MatryoshkaLlavaNextModel
 from .models.processing_comm import CommProcessor
 from .models.processing_matryoshka import MatryoshkaLlavaProcessor
+from .models.processing_matryoshka_next import MatryoshkaLlavaNextProcessor
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,12 @@ FAMILIES: dict[str, Family] = {
     ),
     "adaptive_combiner": Family(
         AdaptiveCombinerConfig, AdaptiveCombinerModel, AdaptiveCombinerForConditionalGeneration, CommProcessor
+    ),
+    "matryoshka_llava_next": Family(
+        MatryoshkaLlavaNextConfig,
+        MatryoshkaLlavaNextModel,
+        MatryoshkaLlavaNextForConditionalGeneration,
+        MatryoshkaLlavaNextProcessor,
     ),
 }
 
@@ -72,9 +81,41 @@ def clip_image_processor(image_size: int = 336):
     return processor_class(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
 
 
+def anyres_image_processor(config: Any, image_processor: Any = None):
+    """LLaVA-NeXT's image processor (anyres tiles of `config.vision_config.image_size` on `config.image_grid_pinpoints`
+    plus a base view) with the normalisation of `image_processor` (e.g. a CLIP one; CLIP's when `None`); the PIL
+    backend when torchvision is not installed. An anyres processor passes through unchanged."""
+    if hasattr(image_processor, "image_grid_pinpoints"):
+        return image_processor
+    if importlib.util.find_spec("torchvision") is not None:
+        from transformers import LlavaNextImageProcessor as processor_class
+    else:
+        from transformers import LlavaNextImageProcessorPil as processor_class
+    tile = config.vision_config.image_size
+    base = image_processor or clip_image_processor(tile)
+    return processor_class(
+        size={"shortest_edge": tile},
+        crop_size={"height": tile, "width": tile},
+        image_grid_pinpoints=[list(p) for p in config.image_grid_pinpoints],
+        image_mean=list(base.image_mean),
+        image_std=list(base.image_std),
+    )
+
+
 def family_processor(family: str, config: Any, image_processor: Any, tokenizer: Any, chat_template: str | None = None):
     """The processor of `family` for a model `config`: its visual tokens per image (the combiner's latents, else the
-    grid) and, for M3, its scales. `chat_template` defaults to Vicuna-v1's (`chat_templates.CHAT_TEMPLATE`)."""
+    grid) and, for M3, its scales. `chat_template` defaults to Vicuna-v1's (`chat_templates.CHAT_TEMPLATE`). For
+    `matryoshka_llava_next`, `image_processor` is made an anyres one (`anyres_image_processor`)."""
+    if family == "matryoshka_llava_next":
+        return get_family(family).processor_class(
+            image_processor=anyres_image_processor(config, image_processor),
+            tokenizer=tokenizer,
+            patch_size=config.vision_config.patch_size,
+            vision_feature_select_strategy=config.vision_feature_select_strategy,
+            chat_template=chat_template or CHAT_TEMPLATE,
+            matryoshka_scales=config.matryoshka_scales,
+            matryoshka_default_scale=config.matryoshka_default_scale,
+        )
     kwargs = {}
     if family == "matryoshka_llava":
         kwargs = {
@@ -90,4 +131,12 @@ def family_processor(family: str, config: Any, image_processor: Any, tokenizer: 
     )
 
 
-__all__ = ["FAMILIES", "Family", "check_config_fields", "clip_image_processor", "family_processor", "get_family"]
+__all__ = [
+    "FAMILIES",
+    "Family",
+    "anyres_image_processor",
+    "check_config_fields",
+    "clip_image_processor",
+    "family_processor",
+    "get_family",
+]

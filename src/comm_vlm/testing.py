@@ -160,6 +160,27 @@ def tiny_comm_config(layout: str = "comm", vocab_size: int = 320, family: str = 
     return config_class(**fields)
 
 
+# LLaVA-NeXT's five canvases (336 px tiles, up to 2x2) at the tiny tile size of 28 px.
+TINY_GRID_PINPOINTS = [[28, 56], [56, 28], [56, 56], [84, 28], [28, 84]]
+
+
+def tiny_next_config(vocab_size: int = 320, next_class: bool = False, **overrides: Any):
+    """A tiny Matryoshka-LLaVA-NeXT config (4x4 tokens per 28 px tile, LLaVA-NeXT's pinpoints scaled to 28 px tiles);
+    with `next_class=True` transformers' `LlavaNextConfig` of the same sizes instead (the parity reference)."""
+    from transformers import LlavaNextConfig
+
+    from .models.configuration_matryoshka_next import MatryoshkaLlavaNextConfig
+
+    fields: dict[str, Any] = {
+        "vision_config": tiny_vision_config("clip_vision_model"),
+        "text_config": tiny_text_config(vocab_size),
+        "image_token_index": IMAGE_TOKEN_ID,
+        "image_grid_pinpoints": TINY_GRID_PINPOINTS,
+    }
+    fields.update(overrides)
+    return (LlavaNextConfig if next_class else MatryoshkaLlavaNextConfig)(**fields)
+
+
 def tiny_llava_config(vocab_size: int = 320, **overrides: Any):
     """transformers' `LlavaConfig` with the sizes of `tiny_comm_config("llava")`."""
     from transformers import LlavaConfig
@@ -196,14 +217,18 @@ def build_tiny_checkpoint(
     Args:
         layout (`str`): `"comm"` or `"llava"` vision branch (see `tiny_comm_config`).
         vocab_size (`int`): size of the in-memory BPE tokenizer and of the LLM's vocabulary.
-        family (`str`): `"comm"`, `"matryoshka_llava"` or `"adaptive_combiner"`.
+        family (`str`): `"comm"`, `"matryoshka_llava"`, `"adaptive_combiner"` or `"matryoshka_llava_next"` (on
+            `tiny_next_config`, `layout` unused).
         chat_template (`str`, *optional*): the processor's chat template; defaults to `CHAT_TEMPLATE`.
         overrides: fields of the family's config.
     """
     import torch
 
     torch.manual_seed(seed)
-    config = tiny_comm_config(layout, vocab_size=vocab_size, family=family, **overrides)
+    if family == "matryoshka_llava_next":
+        config = tiny_next_config(vocab_size=vocab_size, **overrides)
+    else:
+        config = tiny_comm_config(layout, vocab_size=vocab_size, family=family, **overrides)
     model_class = get_family(family).model_class
     model = model_class(config).eval()
     processor = family_processor(
