@@ -172,7 +172,8 @@ class MatryoshkaLlavaNextProcessor(LlavaNextProcessor):
                 smallest = min(need)
                 raise ValueError(
                     f"A visual token budget of {budget} cannot hold a prompt's {len(sizes)} image(s): the "
-                    f"smallest scale ({smallest} per tile) needs {need[smallest]} tokens. Raise the budget, or pass fewer images."
+                    f"smallest scale ({smallest} per tile) needs {need[smallest]} tokens. Raise the budget or pass "
+                    "fewer images."
                 )
             scales += [max(fitting)] * len(sizes)
         return scales
