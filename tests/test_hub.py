@@ -17,6 +17,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
 from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
 
 from comm_vlm import AdaptiveCombinerConfig, MatryoshkaLlavaConfig
+from comm_vlm.families import family_processor
 from comm_vlm.hub import (
     ModelCardInfo,
     add_to_hub_cache,
@@ -32,6 +33,7 @@ from comm_vlm.testing import (
     build_tiny_tokenizer,
     tiny_comm_config,
     tiny_image_processor,
+    tiny_next_config,
     tiny_text_config,
     tiny_vision_config,
 )
@@ -54,6 +56,8 @@ FAMILIES = {
         4,
         {},
     ),
+    # anyres tiles: the placeholders depend on the image size (the processor counts them)
+    "matryoshka_llava_next": (lambda: tiny_next_config(), None, {"matryoshka_scale": 4}),
 }
 PROMPTS = ["USER: <image>\nWhat is this? ASSISTANT:", "USER: <image>\nWhere is the cat in the picture? ASSISTANT:"]
 GREEDY = {"do_sample": False}
@@ -83,6 +87,8 @@ def build_family(model_type: str):
             param.copy_(torch.randn_like(param) * 0.1 + (1.0 if "norm" in name and "weight" in name else 0.0))
             if name.endswith("_gate"):
                 param.fill_(0.7)
+    if num_image_tokens is None:
+        return model, family_processor(model_type, config, tiny_image_processor(28), build_tiny_tokenizer())
     processor_class = PROCESSOR_MAPPING[type(config)]
     processor = processor_class(
         tiny_image_processor(28),
@@ -342,6 +348,7 @@ CITATIONS = {
     "comm": "arXiv:2310.08825",
     "matryoshka_llava": "arXiv:2405.17430",
     "adaptive_combiner": "arXiv:2305.19924",
+    "matryoshka_llava_next": "arXiv:2405.17430",
 }
 
 
@@ -401,6 +408,14 @@ REMOTE_CODE = {
     },
     "matryoshka_llava": {"configuration_matryoshka.py", "modeling_matryoshka.py", "processing_matryoshka.py"},
     "adaptive_combiner": {"configuration_combiner.py", "modeling_combiner.py", "combiner.py"},
+    "matryoshka_llava_next": {
+        "configuration_matryoshka_next.py",
+        "modeling_matryoshka_next.py",
+        "processing_matryoshka_next.py",
+        "pooling_matryoshka.py",
+        "packing_matryoshka.py",
+        "image_utils.py",
+    },
 }
 
 

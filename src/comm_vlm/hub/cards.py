@@ -34,6 +34,12 @@ METHODS: dict[str, dict[str, Any]] = {
         arxiv="2405.17430",
         tags=["matryoshka", "m3", "llava", "visual-token-compression"],
     ),
+    "matryoshka_llava_next": dict(
+        name="Matryoshka-LLaVA-NeXT (M3)",
+        paper="Matryoshka Multimodal Models",
+        arxiv="2405.17430",
+        tags=["matryoshka", "m3", "llava-next", "anyres", "visual-token-compression"],
+    ),
     "adaptive_combiner": dict(
         name="Adaptive combiner",
         paper="Joint Adaptive Representations for Image-Language Learning",
@@ -202,6 +208,8 @@ def describe_config(config: CommConfig) -> dict[str, Any]:
         `llm`, `visual_tokens` (per image, from the encoder), `llm_tokens` (per image, in the LLM input) and
         `family_fields` (`(name, value)` of the fields the config's class adds to `CommConfig`).
     """
+    if not hasattr(config, "encoder_prefixes"):
+        return _describe_anyres_config(config)
     encoders = []
     for prefix in config.encoder_prefixes:
         branch = config.branch(prefix)
@@ -243,6 +251,43 @@ def describe_config(config: CommConfig) -> dict[str, Any]:
         f"vocabulary {text.vocab_size}",
         "visual_tokens": config.image_seq_length,
         "llm_tokens": llm_tokens if llm_tokens is not None else config.image_seq_length,
+        "family_fields": family_fields,
+    }
+
+
+def _describe_anyres_config(config: Any) -> dict[str, Any]:
+    """`describe_config` for a family built on transformers' LLaVA-NeXT config (one encoder, anyres tiles)."""
+    vision, text = config.vision_config, config.text_config
+    grid = patch_grid(vision)
+    layer = config.vision_feature_layer
+    encoder = {
+        "role": "primary",
+        "model_type": vision.model_type,
+        "num_layers": vision.num_hidden_layers,
+        "hidden_size": vision.hidden_size,
+        "resolution": f"{vision.image_size} px tiles, patch {vision.patch_size} ({grid}x{grid} patches per tile); "
+        f"canvases {config.image_grid_pinpoints}",
+        "layers": _format_layers([layer] if isinstance(layer, int) else list(layer)),
+        "merge": "single",
+        "aligner": "identity",
+    }
+    base = next(k for k in type(config).__mro__ if k.__module__.startswith("transformers."))
+    base_fields = set(getattr(base, "__dataclass_fields__", {}))
+    family_fields = [
+        (name, getattr(config, name))
+        for klass in reversed(type(config).__mro__)
+        if issubclass(klass, base) and klass is not base
+        for name in vars(klass).get("__annotations__", {})
+        if name not in base_fields and not name.startswith("_")
+    ]
+    return {
+        "encoders": [encoder],
+        "projector": f"MLP, 2 linear layers, {config.projector_hidden_act}, to the LLM width {text.hidden_size}",
+        "llm": f"{text.model_type}, {text.num_hidden_layers} layers, width {text.hidden_size}, "
+        f"vocabulary {text.vocab_size}",
+        "visual_tokens": f"{grid * grid} per tile",
+        "llm_tokens": "per tile at the chosen scale, over the base view and the unpadded tiles, plus one newline per "
+        "row (depends on the image size)",
         "family_fields": family_fields,
     }
 
