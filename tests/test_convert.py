@@ -217,7 +217,7 @@ def corrupt(directory, drop=(), reshape=()):
         (
             "llava-original",
             {"config": {"mm_patch_merge_type": "spatial_unpad", "mm_projector_type": "resampler"}},
-            r"mm_projector_type 'resampler' is not .*; LLaVA-NeXT 'anyres' / spatial patch merging is not supported",
+            r"mm_projector_type 'resampler' is not .*; the checkpoint is LLaVA-NeXT .*--to matryoshka_llava_next",
         ),
     ],
 )

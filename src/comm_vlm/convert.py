@@ -1,7 +1,8 @@
-"""Converts LLaVA-1.5 checkpoints to `comm` or `matryoshka_llava` (weights unchanged, safetensors only).
+"""Converts LLaVA-1.5 checkpoints to `comm` or `matryoshka_llava`, and LLaVA-NeXT (v1.6) checkpoints to
+`matryoshka_llava_next` (weights unchanged, safetensors only).
 
-    comm-vlm convert --from llava-hf SRC DST [--to comm|matryoshka_llava]
-    comm-vlm convert --from llava-original SRC DST [--to matryoshka_llava] [--vision-tower PATH_OR_REPO]
+    comm-vlm convert --from llava-hf SRC DST [--to comm|matryoshka_llava|matryoshka_llava_next]
+    comm-vlm convert --from llava-original SRC DST [--to matryoshka_llava|matryoshka_llava_next] [--vision-tower ...]
     comm-vlm convert --from comm-vlm SRC DST --to matryoshka_llava|adaptive_combiner|comm   (`comm_vlm.derive`)
 
 Source layouts:
@@ -16,6 +17,11 @@ Source layouts:
   `mm_vision_tower`, `mm_vision_select_layer`, `mm_projector_type` (`linear` / `mlp{N}x_gelu`), `mm_hidden_size`.
   Without tower weights they are read from `mm_vision_tower` (a local directory, or a Hub id in the cache).
   The tokenizer has no image token: `<image>` is added (its embedding row is the mean of the others).
+
+LLaVA-NeXT: `llava-hf/llava-v1.6-*` (`model_type: llava_next`, plus `image_newline`) and the original training code's
+v1.6 checkpoints (`image_aspect_ratio: anyres`, `mm_patch_merge_type: spatial_unpad`, `image_grid_pinpoints` as
+(width, height) pairs, swapped to transformers' (height, width), `model.image_newline`) convert with
+`--to matryoshka_llava_next` only; LLaVA-1.5 targets refuse them (and the reverse).
 
 No COMM checkpoint was ever published, so nothing converts from another COMM layout; `--from comm-vlm` derives one
 family from a checkpoint of this package (M3 from a trained COMM or LLaVA-layout model, the combiner on a COMM branch:
@@ -50,7 +56,8 @@ from .models.processing_comm import CommProcessor
 logger = logging.get_logger(__name__)
 
 SOURCE_LAYOUTS = ("llava-hf", "llava-original", "comm-vlm")
-TARGETS = ("comm", "matryoshka_llava")
+TARGETS = ("comm", "matryoshka_llava", "matryoshka_llava_next")
+ANYRES_TARGETS = ("matryoshka_llava_next",)  # LLaVA-NeXT's tiles: from llava_next / anyres sources
 IMAGE_TOKEN = "<image>"
 # Buffers older checkpoints saved that current models recompute (LLaVA-1.5 was trained with transformers 4.31).
 IGNORED_SOURCE_KEYS = re.compile(r"(\.position_ids|rotary_emb\.inv_freq)$")
@@ -164,6 +171,7 @@ def _rename_llava_hf(key: str) -> str:
         ("language_model.", "model.language_model."),
         ("vision_tower.", "model.vision_tower."),
         ("multi_modal_projector.", "model.multi_modal_projector."),
+        ("image_newline", "model.image_newline"),
     ):
         if key.startswith(old):
             return new + key[len(old) :]
@@ -196,10 +204,19 @@ def _append_mean_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([tensor, tensor.mean(dim=0, keepdim=True).expand(rows, -1).to(tensor.dtype)], dim=0)
 
 
-def _plan_llava_hf(source: Path, problems: list[str]) -> dict[str, Any]:
+def _plan_llava_hf(source: Path, problems: list[str], anyres: bool = False) -> dict[str, Any]:
     config = _read_json(source / "config.json")
-    if config.get("model_type") != "llava":
-        problems.append(f"config.json has model_type {config.get('model_type')!r}, not 'llava' (LLaVA-1.5)")
+    expected = "llava_next" if anyres else "llava"
+    if config.get("model_type") != expected:
+        hint = (
+            " (LLaVA-NeXT: convert with --to matryoshka_llava_next)"
+            if config.get("model_type") == "llava_next"
+            else ""
+        )
+        problems.append(
+            f"config.json has model_type {config.get('model_type')!r}, not {expected!r} "
+            f"({'LLaVA-NeXT' if anyres else 'LLaVA-1.5'}){hint}"
+        )
     layer = config.get("vision_feature_layer", -2)
     if not isinstance(layer, int):
         problems.append(f"vision_feature_layer {layer!r} concatenates several layers; only one layer converts")
@@ -218,6 +235,8 @@ def _plan_llava_hf(source: Path, problems: list[str]) -> dict[str, Any]:
         "multimodal_projector_bias": config.get("multimodal_projector_bias", True),
         "tie_word_embeddings": config.get("tie_word_embeddings", text.get("tie_word_embeddings", False)),
     }
+    if anyres:
+        fields["image_grid_pinpoints"] = config.get("image_grid_pinpoints")
     state_dict = {_rename_llava_hf(k): v for k, v in read_safetensors(source).items()}
     processor = None
     if (source / "processor_config.json").is_file() or (source / "preprocessor_config.json").is_file():
@@ -231,7 +250,9 @@ def _plan_llava_hf(source: Path, problems: list[str]) -> dict[str, Any]:
     return {"fields": fields, "state_dict": state_dict, "processor": processor, "notes": [], "limitations": []}
 
 
-def _plan_llava_original(source: Path, vision_tower: str | None, problems: list[str]) -> dict[str, Any]:
+def _plan_llava_original(
+    source: Path, vision_tower: str | None, problems: list[str], anyres: bool = False
+) -> dict[str, Any]:
     config = _read_json(source / "config.json")
     text_type = ORIGINAL_TEXT_MODEL_TYPES.get(config.get("model_type"))
     if text_type is None:
@@ -246,8 +267,17 @@ def _plan_llava_original(source: Path, vision_tower: str | None, problems: list[
     select = config.get("mm_vision_select_feature", "patch")
     if select not in ("patch", "cls_patch"):
         problems.append(f"mm_vision_select_feature {select!r} is not 'patch' or 'cls_patch'")
-    if config.get("mm_patch_merge_type", "flat") != "flat" or config.get("image_aspect_ratio") == "anyres":
-        problems.append("LLaVA-NeXT 'anyres' / spatial patch merging is not supported (only LLaVA-1.5's flat layout)")
+    is_anyres = config.get("image_aspect_ratio") == "anyres"
+    if anyres and (not is_anyres or config.get("mm_patch_merge_type") != "spatial_unpad"):
+        problems.append(
+            f"image_aspect_ratio {config.get('image_aspect_ratio')!r} / mm_patch_merge_type "
+            f"{config.get('mm_patch_merge_type')!r} is not LLaVA-NeXT's 'anyres' with 'spatial_unpad'"
+        )
+    if not anyres and (config.get("mm_patch_merge_type", "flat") != "flat" or is_anyres):
+        problems.append(
+            "the checkpoint is LLaVA-NeXT ('anyres' / spatial patch merging): convert it with "
+            "--to matryoshka_llava_next (LLaVA-1.5 targets take the flat layout only)"
+        )
     if config.get("mm_use_im_start_end"):
         problems.append("mm_use_im_start_end=True (image start/end tokens) is not supported")
     tower_name = vision_tower or config.get("mm_vision_tower")
@@ -256,7 +286,7 @@ def _plan_llava_original(source: Path, vision_tower: str | None, problems: list[
     if problems:
         return {}
     tensors = read_safetensors(source)
-    if any(k.startswith("model.image_newline") for k in tensors):
+    if not anyres and any(k.startswith("model.image_newline") for k in tensors):
         problems.append("the checkpoint has model.image_newline (LLaVA-NeXT), which LLaVA-1.5 models do not use")
     state_dict = {_rename_llava_original(k): v for k, v in tensors.items()}
     has_tower = any(k.startswith("model.vision_tower.") for k in state_dict)
@@ -308,6 +338,13 @@ def _plan_llava_original(source: Path, vision_tower: str | None, problems: list[
         "multimodal_projector_bias": "model.multi_modal_projector.linear_1.bias" in state_dict,
         "tie_word_embeddings": bool(config.get("tie_word_embeddings", False)),
     }
+    if anyres:  # the official code lists (width, height) pairs; LLaVA-NeXT's set is symmetric, transformers' is (H, W)
+        fields["image_grid_pinpoints"] = [[int(p[1]), int(p[0])] for p in config["image_grid_pinpoints"]]
+        limitations.append(
+            "LLaVA-NeXT's training code resizes and pads each tile canvas with its own PIL routine; this processor "
+            "uses transformers' LLaVA-NeXT image processor (as llava-hf's checkpoints do), so pixels can differ "
+            "slightly."
+        )
     processor = None
     if tokenizer is not None:
         template = tokenizer.chat_template or VICUNA_V1_TEMPLATE
@@ -409,27 +446,30 @@ def convert_checkpoint(
             "combiner, convert to comm first, then derive: `comm-vlm convert --from comm-vlm SRC DST --to "
             "adaptive_combiner`."
         )
-    if matryoshka_scales is not None and target != "matryoshka_llava":
-        raise ValueError("matryoshka_scales (--matryoshka-scales) applies only to target 'matryoshka_llava'.")
+    if matryoshka_scales is not None and not target.startswith("matryoshka_llava"):
+        raise ValueError("matryoshka_scales (--matryoshka-scales) applies only to the Matryoshka targets.")
+    anyres = target in ANYRES_TARGETS
     if not source.is_dir():
         raise ValueError(f"Source checkpoint {source} is not a directory.")
     if output.exists() and any(output.iterdir()) and not overwrite:
         raise ValueError(f"{output} exists and is not empty; pass overwrite=True (--overwrite) or another directory.")
     problems: list[str] = []
     if source_layout == "llava-hf":
-        plan = _plan_llava_hf(source, problems)
+        plan = _plan_llava_hf(source, problems, anyres)
     else:
-        plan = _plan_llava_original(source, vision_tower, problems)
+        plan = _plan_llava_original(source, vision_tower, problems, anyres)
     if problems:
         raise ValueError(
             f"Cannot convert {source} ({source_layout}): " + "; ".join(problems) + ". Nothing was written."
         )
-    fields = {
-        **plan["fields"],
-        "secondary_vision_config": None,
-        "vision_feature_merge": "single",
-        "vision_aligner": "identity",
-    }
+    fields = {**plan["fields"]}
+    if anyres:  # transformers' LLaVA-NeXT config: a fixed 2-layer MLP projector, no COMM branch fields
+        if fields.pop("projector_depth") != 2:
+            raise ValueError(
+                f"Cannot convert {source}: LLaVA-NeXT models have a 2-layer MLP projector. Nothing was written."
+            )
+    else:
+        fields.update(secondary_vision_config=None, vision_feature_merge="single", vision_aligner="identity")
     if matryoshka_scales is not None:
         fields["matryoshka_scales"] = list(matryoshka_scales)
     config_class = CONFIG_MAPPING[target]
@@ -439,12 +479,20 @@ def convert_checkpoint(
     problems = _check_state_dict(state_dict, model_class, config)
     if problems:
         raise ValueError(
-            f"{source} is not a complete {source_layout} LLaVA-1.5 checkpoint for {target}: "
+            f"{source} is not a complete {source_layout} {'LLaVA-NeXT' if anyres else 'LLaVA-1.5'} checkpoint for "
+            f"{target}: "
             + "; ".join(problems)
             + ". Nothing was written. Check that the layout (--from) matches the checkpoint and that it is whole."
         )
     processor = None
-    if plan["processor"] is not None:
+    if plan["processor"] is not None and anyres:
+        from .families import family_processor
+
+        parts = plan["processor"]
+        processor = family_processor(
+            target, config, parts["image_processor"], parts["tokenizer"], parts["chat_template"]
+        )
+    elif plan["processor"] is not None:
         processor_class = PROCESSOR_MAPPING.get(config_class, CommProcessor)
         extra = {}
         if hasattr(config, "matryoshka_scales"):
