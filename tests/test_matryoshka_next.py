@@ -28,6 +28,7 @@ from comm_vlm.testing import (
     tiny_image_processor,
     tiny_next_config,
 )
+from comm_vlm.training import TrainingBatchCollator
 
 
 GRID_3X3 = TINY_GRID_PINPOINTS + [[84, 84], [56, 84], [84, 56]]  # adds 3x3, 2x3 and 3x2 tile canvases
@@ -269,11 +270,13 @@ def test_loss_is_the_mean_of_the_per_scale_losses_and_trains_every_part(models):
     labels = inputs["input_ids"].clone()
     model.train()
     try:
-        output = model(**{k: v for k, v in inputs.items() if k != "matryoshka_image_scales"}, labels=labels)
+        output = model(**inputs, labels=labels)
+        without_scales = model(**{k: v for k, v in inputs.items() if k != "matryoshka_image_scales"}, labels=labels)
+        torch.testing.assert_close(output.loss, without_scales.loss)
         per_scale = []
         for scale in model.config.matryoshka_scales:
             at = processor(images=image, text=text, matryoshka_scale=scale, return_tensors="pt")
-            per_scale.append(model(**at, labels=at["input_ids"].clone()).loss)
+            per_scale.append(model(**at, labels=at["input_ids"].clone(), matryoshka_scale=scale).loss)
         torch.testing.assert_close(output.matryoshka_scale_losses, torch.stack(per_scale).detach())
         torch.testing.assert_close(output.loss, torch.stack(per_scale).mean())
         assert output.logits.shape[1] == inputs["input_ids"].shape[1]  # the logits of the input's own scale
@@ -282,6 +285,33 @@ def test_loss_is_the_mean_of_the_per_scale_losses_and_trains_every_part(models):
         assert {"vision_tower", "multi_modal_projector", "language_model", "image_newline"} <= grads
     finally:
         model.zero_grad(set_to_none=True)
+        model.eval()
+
+
+def test_a_batch_relaid_for_all_scales_gives_the_same_objective_outside_the_model(models):
+    _, model, processor = models
+    images = [picture((40, 70), 1), picture((90, 30), 2)]
+    text = [PROMPT + " a red square", "USER: <image>\nWhere? ASSISTANT: left"]
+    processor.tokenizer.padding_side = "right"
+    batch = dict(processor(images=images, text=text, padding=True, return_tensors="pt"))
+    batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    relaid = TrainingBatchCollator(lambda rows: rows[0], model.config)([batch])
+    assert relaid["input_ids"].shape[0] == 2 * len(model.config.matryoshka_scales)
+    assert relaid["matryoshka_image_index"].tolist() == [0, 0, 0, 1, 1, 1]
+    assert relaid["matryoshka_image_scales"].tolist() == [1, 4, 16, 1, 4, 16]
+    model.train()
+    try:
+        with torch.no_grad():
+            expected = model(**batch).loss  # the model's own loop over the scales
+            call = {k: v for k, v in relaid.items() if k != "labels"}
+            logits = model(**call).logits[:, :-1]
+        targets = relaid["labels"][:, 1:]
+        token_mean = F.cross_entropy(logits[targets != -100], targets[targets != -100])
+        torch.testing.assert_close(token_mean, expected)  # same labelled tokens at every scale: mean of the means
+        unprepared = {k: v for k, v in batch.items() if k != "labels"}
+        with pytest.raises(ValueError, match="not re-laid for its scales"):
+            model(**unprepared)
+    finally:
         model.eval()
 
 

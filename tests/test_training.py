@@ -403,7 +403,7 @@ def test_shipped_recipe_is_valid(name, tmp_path):
     assert set(recipe["model"]) & {"pretrained", "assemble", "convert"}
 
 
-@pytest.mark.parametrize("name", ["tiny_comm", "tiny_llava", "tiny_m3", "tiny_combiner"])
+@pytest.mark.parametrize("name", ["tiny_comm", "tiny_llava", "tiny_m3", "tiny_combiner", "tiny_m3_next"])
 def test_tiny_recipe_runs(name, tmp_path):
     results = run_recipe(
         load_recipe(str(Path(__file__).parent / "recipes" / f"{name}.yaml"), {"max_steps": 1}), tmp_path

@@ -245,7 +245,12 @@ def build_tiny_checkpoint(
 
 # The vision branch each family's tiny recipe starts from: COMM's own, else LLaVA-1.5's (M3 and the combiner start
 # from a LLaVA-1.5 checkpoint).
-TINY_FAMILY_LAYOUTS = {"comm": "comm", "matryoshka_llava": "llava", "adaptive_combiner": "llava"}
+TINY_FAMILY_LAYOUTS = {
+    "comm": "comm",
+    "matryoshka_llava": "llava",
+    "adaptive_combiner": "llava",
+    "matryoshka_llava_next": "llava",  # unused: LLaVA-NeXT has one layout
+}
 
 
 def _tiny_model_source(name: str, source: dict, run_dir):

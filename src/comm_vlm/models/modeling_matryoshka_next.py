@@ -232,6 +232,25 @@ class MatryoshkaLlavaNextModel(LlavaNextModel):
         packed, _ = self.pack_image_features(pooled, image_sizes, image_newline=self.image_newline)
         return packed
 
+    def relaid_image_features(
+        self, pixel_values, image_sizes, image_index, run_scales, vision_feature_layer=None, strategy=None
+    ) -> MatryoshkaLlavaNextImageOutput:
+        """Features of the image runs of a re-laid batch: run r shows image `image_index[r]` at `run_scales[r]`."""
+        index, scales = _as_list(image_index), _as_list(run_scales)
+        if scales is None or len(scales) != len(index):
+            raise ValueError("A re-laid batch needs `matryoshka_image_scales` with one scale per run of the index.")
+        if index and max(index) >= len(image_sizes):
+            raise ValueError(f"`matryoshka_image_index` refers to image {max(index)} of {len(image_sizes)}.")
+        for scale in set(scales):
+            self.config.check_scale(scale)
+        tiles, outputs = self.encode_tiles(pixel_values, image_sizes, vision_feature_layer, strategy)
+        sizes = torch.stack([torch.as_tensor(image_sizes[i]) for i in index]) if index else image_sizes[:0]
+        return MatryoshkaLlavaNextImageOutput(
+            last_hidden_state=outputs.last_hidden_state,
+            pooler_output=self.pooled_features([tiles[i] for i in index], sizes, scales),
+            matryoshka_image_scales=torch.tensor(scales, dtype=torch.long),
+        )
+
     @can_return_tuple
     def get_image_features(
         self,
@@ -281,22 +300,43 @@ class MatryoshkaLlavaNextModel(LlavaNextModel):
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
         matryoshka_scale: int | None = None,
         matryoshka_image_scales: torch.LongTensor | None = None,
+        matryoshka_image_index: torch.LongTensor | None = None,
         **kwargs,
     ):
         """`LlavaNextModel.forward` with the images pooled to `matryoshka_scale` / `matryoshka_image_scales` (tokens
-        per tile; default: the scale the placeholders hold, see `image_scales_for`)."""
+        per tile; default: the scale the placeholders hold, see `image_scales_for`). A batch re-laid for all scales
+        (`relay_next_training_batch`) names the image of every run in `matryoshka_image_index`, with
+        `matryoshka_image_scales` then per run; each image is still encoded once."""
         if pixel_values is not None and pixel_values.size(0) > 0 and (mm_encoder_outputs or {}).get("image") is None:
             if image_sizes is None:
                 raise ValueError("LLaVA-NeXT images need `image_sizes` (the processor returns them).")
-            scales = self.image_scales_for(input_ids, image_sizes, matryoshka_scale, matryoshka_image_scales)
-            image = self.get_image_features(
-                pixel_values,
-                image_sizes,
-                matryoshka_image_scales=scales,
-                vision_feature_layer=vision_feature_layer,
-                vision_feature_select_strategy=vision_feature_select_strategy,
-                return_dict=True,
-            )
+            if matryoshka_image_index is not None:
+                image = self.relaid_image_features(
+                    pixel_values,
+                    image_sizes,
+                    matryoshka_image_index,
+                    matryoshka_image_scales,
+                    vision_feature_layer,
+                    vision_feature_select_strategy,
+                )
+            else:
+                if self.training and torch.is_grad_enabled() and matryoshka_scale is None:
+                    raise ValueError(
+                        "Matryoshka-LLaVA-NeXT is training on a batch that was not re-laid for its scales and has no "
+                        "`labels` (a loss computed outside the model, e.g. TRL's), so it would train only the scale "
+                        "the placeholders hold, not the mean over `matryoshka_scales`. Pass `labels` (the model then "
+                        "averages the scales), or re-lay every batch with `comm_vlm.training.TrainingBatchCollator` "
+                        "(`build_trainer` does), or pass `matryoshka_scale` to train one scale."
+                    )
+                scales = self.image_scales_for(input_ids, image_sizes, matryoshka_scale, matryoshka_image_scales)
+                image = self.get_image_features(
+                    pixel_values,
+                    image_sizes,
+                    matryoshka_image_scales=scales,
+                    vision_feature_layer=vision_feature_layer,
+                    vision_feature_select_strategy=vision_feature_select_strategy,
+                    return_dict=True,
+                )
             mm_encoder_outputs = {**(mm_encoder_outputs or {}), "image": image}
             pixel_values = None
         return super().forward(
@@ -392,6 +432,7 @@ class MatryoshkaLlavaNextForConditionalGeneration(LlavaNextForConditionalGenerat
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
         matryoshka_scale: int | None = None,
         matryoshka_image_scales: torch.LongTensor | None = None,
+        matryoshka_image_index: torch.LongTensor | None = None,
         **kwargs,
     ) -> MatryoshkaLlavaNextCausalLMOutputWithPast | tuple:
         """`LlavaNextForConditionalGeneration.forward` at a Matryoshka scale.
@@ -403,7 +444,10 @@ class MatryoshkaLlavaNextForConditionalGeneration(LlavaNextForConditionalGenerat
                 are never targets.
             matryoshka_scale (`int`, *optional*): tokens per tile of every image (checked against the placeholders).
             matryoshka_image_scales (`torch.LongTensor` of shape `(num_images,)`, *optional*): per image (the
-                processor returns it).
+                processor returns it); the scales the placeholders hold, so the all-scale loss still applies.
+            matryoshka_image_index (`torch.LongTensor` of shape `(num_runs,)`, *optional*): a batch re-laid for all
+                scales (`relay_next_training_batch`): the image of every run; the loss is then the token mean of
+                its rows.
 
         See `LlavaNextForConditionalGeneration.forward` for the other arguments.
         """
@@ -424,7 +468,7 @@ class MatryoshkaLlavaNextForConditionalGeneration(LlavaNextForConditionalGenerat
             and input_ids is not None
             and mm_encoder_outputs is None
             and matryoshka_scale is None
-            and matryoshka_image_scales is None
+            and matryoshka_image_index is None
         )
         if not all_scales:
             outputs = super().forward(
@@ -437,11 +481,12 @@ class MatryoshkaLlavaNextForConditionalGeneration(LlavaNextForConditionalGenerat
                 mm_encoder_outputs=mm_encoder_outputs,
                 matryoshka_scale=matryoshka_scale,
                 matryoshka_image_scales=matryoshka_image_scales,
+                matryoshka_image_index=matryoshka_image_index,
                 return_dict=True,
                 **common,
             )
             return MatryoshkaLlavaNextCausalLMOutputWithPast(**outputs)
-        current = self.model.image_scales_for(input_ids, image_sizes)
+        current = self.model.image_scales_for(input_ids, image_sizes, None, matryoshka_image_scales)
         scales = list(self.config.matryoshka_scales)
         if self.training and self.config.matryoshka_training_mode == "random_scale":
             scales = [random.choice(scales)]

@@ -12,6 +12,8 @@ the model's backbone without `labels`. So the batch itself must hold the family'
   (packed rows, not the shared-prefix rows whose prefix weights only the model's own loss applies). A plain token mean
   over the re-laid labels, as TRL's fused head and `CommSFTTrainer.answer_token_loss` take, is then the paper's mean
   over scales; the Trainer's `num_items_in_batch`, when it counts, counts the re-laid labels.
+* Matryoshka-LLaVA-NeXT (`matryoshka_llava_next`): every sample once per trained scale in padded rows, each image
+  encoded once (`relay_next_training_batch`); a plain token mean over them is again the mean over scales.
 * The adaptive combiner (`adaptive_combiner`) must not fuse the answer into its tokens: the labels are copied into the
   batch as `combiner_labels`, which the backbone reads.
 
@@ -33,6 +35,7 @@ from transformers import PretrainedConfig
 
 from ..models.modeling_comm import mask_image_labels
 from ..models.packing_matryoshka import relay_training_inputs
+from ..models.packing_matryoshka_next import relay_next_training_batch
 
 
 def unlabel_image_placeholders(config: PretrainedConfig, batch: dict) -> dict:
@@ -68,6 +71,12 @@ def prepare_matryoshka_batch(config: PretrainedConfig, batch: dict, device_type:
     return relaid
 
 
+def prepare_matryoshka_next_batch(config: PretrainedConfig, batch: dict, device_type: str, training: bool) -> dict:
+    """Matryoshka-LLaVA-NeXT: every sample once per trained scale, each image encoded once
+    (`relay_next_training_batch`); `random_scale` mode draws one scale per sample while training."""
+    return relay_next_training_batch(config, batch, training=training)
+
+
 def prepare_combiner_batch(config: PretrainedConfig, batch: dict, device_type: str, training: bool) -> dict:
     """Adaptive combiner: `combiner_labels` `(B, T)`, a copy of `labels`, so the backbone keeps the answer out of the
     fused tokens when it is called without `labels`."""
@@ -84,6 +93,7 @@ TRAINING_BATCH_PREPARATIONS: dict[str, TrainingBatchPreparation] = {
     "comm": prepare_comm_batch,
     "matryoshka_llava": prepare_matryoshka_batch,
     "adaptive_combiner": prepare_combiner_batch,
+    "matryoshka_llava_next": prepare_matryoshka_next_batch,
 }
 
 
@@ -147,6 +157,7 @@ __all__ = [
     "prepare_combiner_batch",
     "prepare_comm_batch",
     "prepare_matryoshka_batch",
+    "prepare_matryoshka_next_batch",
     "training_collator",
     "unlabel_image_placeholders",
 ]

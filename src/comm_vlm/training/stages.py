@@ -22,7 +22,7 @@ COMPONENTS: dict[str, tuple[str, ...]] = {
     "vision_towers": ("model.vision_tower.", "model.secondary_vision_tower."),
     "merges": ("model.connector.merges.",),
     "aligners": ("model.connector.aligners.",),
-    "projector": ("model.multi_modal_projector.",),
+    "projector": ("model.multi_modal_projector.", "model.image_newline"),  # LLaVA-NeXT's newline trains with it
     "combiner": ("model.combiner.",),
     "llm": ("model.language_model.", "lm_head."),
 }
