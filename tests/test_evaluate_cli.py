@@ -19,7 +19,7 @@ def layouts(tmp_path_factory):
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("checkpoints")
-    families = {"comm": "comm", "matryoshka_llava": "llava", "adaptive_combiner": "llava"}
+    families = {"comm": "comm", "matryoshka_llava": "llava", "adaptive_combiner": "llava", "matryoshka_llava_next": ""}
     for family, layout in families.items():
         build_tiny_checkpoint(root / family, layout=layout, family=family)
     return {family: str(root / family) for family in families}
@@ -76,10 +76,11 @@ def test_evaluate_writes_results_table_predictions_and_model_index(
     assert all(e["dataset_split"] == split for e in entries)
 
 
-def test_matryoshka_all_scales_writes_the_oracle_and_the_plot(layouts, checkpoints, tmp_path):
+@pytest.mark.parametrize("family", ["matryoshka_llava", "matryoshka_llava_next"])
+def test_matryoshka_all_scales_writes_the_oracle_and_the_plot(layouts, checkpoints, tmp_path, family):
     data = [FIXTURES / "testdev_balanced_questions.json"]
     args = ["--images", str(layouts["images"]), "--matryoshka-scale", "all"]
-    assert evaluate(checkpoints["matryoshka_llava"], "gqa", data, tmp_path, *args) == 0
+    assert evaluate(checkpoints[family], "gqa", data, tmp_path, *args) == 0
     folder = tmp_path / "gqa" / "testdev_balanced" / "matryoshka"
     assert (folder / "accuracy_vs_tokens.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (folder / "matryoshka_results.md").read_text()
