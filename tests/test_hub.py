@@ -406,7 +406,12 @@ REMOTE_CODE = {
         "modeling_comm.py",
         "processing_comm.py",
     },
-    "matryoshka_llava": {"configuration_matryoshka.py", "modeling_matryoshka.py", "processing_matryoshka.py"},
+    "matryoshka_llava": {
+        "configuration_matryoshka.py",
+        "modeling_matryoshka.py",
+        "processing_matryoshka.py",
+        "scale_selector_matryoshka.py",
+    },
     "adaptive_combiner": {"configuration_combiner.py", "modeling_combiner.py", "combiner.py"},
     "matryoshka_llava_next": {
         "configuration_matryoshka_next.py",

@@ -134,7 +134,9 @@ WRONG_TYPES = [True, 2.5, 4.0, "4"]
 @pytest.mark.parametrize("value", WRONG_TYPES, ids=repr)
 @pytest.mark.parametrize("name", ["matryoshka_scale", "visual_token_budget"])
 def test_m3_generate_refuses_scales_of_the_wrong_type(m3, name, value):
-    with pytest.raises(ValueError, match=rf"`{name}` must be an integer, got {value!r} \({type(value).__name__}\)"):
+    allowed = ' or "auto"' if name == "matryoshka_scale" else ""  # the learned selector's `matryoshka_scale="auto"`
+    message = rf"`{name}` must be an integer{allowed}, got {value!r} \({type(value).__name__}\)"
+    with pytest.raises(ValueError, match=message):
         m3.generate(input_ids=prompt("matryoshka_llava"), pixel_values=torch.randn(1, 3, 28, 28), **{name: value})
 
 
@@ -201,7 +203,8 @@ def test_m3_processor_refuses_scales_of_the_wrong_type(name, value):
     processor = MatryoshkaLlavaProcessor(
         image_processor=tiny_image_processor(28), tokenizer=build_tiny_tokenizer(), num_image_tokens=16
     )
-    with pytest.raises(ValueError, match=rf"`{name}` must be an integer, got {value!r}"):
+    allowed = ' or "auto"' if name == "matryoshka_scale" else ""
+    with pytest.raises(ValueError, match=rf"`{name}` must be an integer{allowed}, got {value!r}"):
         processor(text="USER: <image> hi", images=IMAGE, **{name: value})
 
 

@@ -8,6 +8,7 @@
     comm-vlm convert --from {llava-hf,llava-original,comm-vlm} SRC DST [--to FAMILY] [--vision-tower P] ...
     comm-vlm push SRC REPO_ID [--card CARD.json] [--recipe NAME] [--max-shard-size 5GB] [--local-dir DIR] ...
     comm-vlm evaluate --model DIR --task NAME --data FILE [FILE ...] [--images DIR] [--split S] [--limit N] ...
+    comm-vlm train-scale-selector --model DIR --data EVAL_JSONL_OR_DIR --task vqa [--limit N] --output-dir OUT ...
 
 `demo` runs the main job (`comm_vlm.demo.main_job`): tiny COMM, Matryoshka-LLaVA and adaptive-combiner models trained
 through both stages on synthetic scenes, evaluated against chance/majority baselines, saved, reloaded and served.
@@ -22,6 +23,9 @@ an LLM (`comm_vlm.assemble`); `convert` turns a LLaVA-1.5 checkpoint into a `com
 uploads a saved checkpoint with remote code and a model card, or writes that repo to `--local-dir` (`comm_vlm.hub`).
 `evaluate` scores a checkpoint on a published benchmark read from its own files (`comm_vlm.evaluation.benchmarks`),
 writes the results, the table and the predictions, and the model-index entries `push --card` takes.
+`train-scale-selector` evaluates an M3 checkpoint at every scale on evaluation rows, fits the learned scale selector
+to the per-sample correctness and writes the checkpoint with it, for `matryoshka_scale="auto"`
+(`comm_vlm.evaluation.scale_selection`).
 
 Bad input (a `ValueError` or `OSError`, e.g. a missing directory or an unknown recipe) prints one line,
 `comm-vlm COMMAND: error: ...`, and exits with status 2. Everything heavy is imported inside the commands, so `--help`
@@ -154,9 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument(
         "--to",
         dest="target",
-        choices=["comm", "matryoshka_llava", "adaptive_combiner"],
+        choices=["comm", "matryoshka_llava", "adaptive_combiner", "matryoshka_llava_next"],
         default="comm",
-        help="family of the output (adaptive_combiner: --from comm-vlm only)",
+        help="family of the output (adaptive_combiner: --from comm-vlm only; matryoshka_llava_next: from LLaVA-NeXT)",
     )
     convert.add_argument(
         "--set", dest="fields", nargs="+", default=[], metavar="KEY=VALUE", help="comm-vlm: target config fields"
@@ -234,6 +238,34 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--output-dir", default="outputs/eval", help="where results, tables and predictions go")
     evaluate.add_argument("--dtype", help="weight dtype, e.g. bfloat16 (default: the checkpoint's)")
     evaluate.add_argument("--device", help="e.g. cuda:0 or cpu (default: cuda when available, else cpu)")
+
+    selector = add_command(
+        "train-scale-selector", 'fit an M3 checkpoint\'s learned scale selector (matryoshka_scale="auto") and save it'
+    )
+    selector.add_argument("--model", required=True, help="Matryoshka-LLaVA checkpoint directory or Hub repo id")
+    selector.add_argument(
+        "--data",
+        required=True,
+        help="evaluation rows (messages, images, task, answer, ...) as a .jsonl/.json file or a folder of them; "
+        "not the split you report on",
+    )
+    selector.add_argument(
+        "--task", default="vqa", help="task whose right/wrong answers are the labels (vqa, pope, rec)"
+    )
+    selector.add_argument("--limit", type=int, help="use only the first N rows (default: all)")
+    selector.add_argument("--output-dir", required=True, help="where the checkpoint with its selector is written")
+    selector.add_argument("--steps", type=int, default=1000, help="Adam steps of the fit")
+    selector.add_argument("--learning-rate", type=float, default=3e-3, help="Adam learning rate")
+    selector.add_argument("--width", type=int, default=256, help="hidden width of the selector's MLP")
+    selector.add_argument(
+        "--margin",
+        type=float,
+        default=0.05,
+        help="operating point: the smallest scale within this P(correct) of the best",
+    )
+    selector.add_argument("--seed", type=int, default=0, help="seed of the fit")
+    selector.add_argument("--batch-size", type=int, default=32, help="prompts per generate call")
+    selector.add_argument("--device", help="e.g. cuda:0 or cpu (default: cuda when available, else cpu)")
     return parser
 
 
@@ -480,6 +512,42 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_scale_selector(args: argparse.Namespace) -> int:
+    for option, value in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--limit", args.limit)):
+        if value is not None and value < 1:
+            raise ValueError(f"{option} must be positive, got {value}")
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from .evaluation.scale_selection import read_eval_rows, save_with_scale_selector, train_scale_selector
+
+    rows = read_eval_rows(args.data, args.limit)
+    processor = AutoProcessor.from_pretrained(args.model)
+    if not hasattr(processor, "matryoshka_scales"):
+        raise ValueError(
+            f"train-scale-selector needs a Matryoshka-LLaVA (M3) checkpoint; {args.model} has a "
+            f"{type(processor).__name__}, which takes no scale."
+        )
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = AutoModelForImageTextToText.from_pretrained(args.model).to(device).eval()
+    report = train_scale_selector(
+        model,
+        processor,
+        rows,
+        task=args.task,
+        width=args.width,
+        margin=args.margin,
+        steps=args.steps,
+        learning_rate=args.learning_rate,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        split_name=str(args.data) + (f" (first {args.limit} rows)" if args.limit else ""),
+    )
+    output = save_with_scale_selector(model, processor, args.output_dir, report)
+    sys.stdout.write(f"{report.to_markdown()}\n\nwrote {output} (load it and generate with matryoshka_scale='auto')\n")
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "demo": _main_job,
     "layer-study": _layer_study,
@@ -489,6 +557,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "convert": _convert,
     "push": _push,
     "evaluate": _evaluate,
+    "train-scale-selector": _train_scale_selector,
 }
 
 

@@ -7,7 +7,7 @@ Drawn with `matplotlib.figure.Figure` on the Agg canvas directly, so no pyplot s
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 
@@ -17,6 +17,7 @@ def plot_metric_vs_tokens(
     oracle: Mapping[str, tuple[float, float]] | None = None,
     task_specs: Mapping[str, Any] | None = None,
     title: str | None = None,
+    curves: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]] | None = None,
 ) -> str:
     """One panel per task: the task's primary metric (x100) against visual tokens per sample (log x axis), plus the
     oracle point (mean tokens, accuracy) where given. Returns the PNG path.
@@ -27,6 +28,8 @@ def plot_metric_vs_tokens(
         oracle (`Mapping[str, tuple[float, float]]`, *optional*): task -> (mean oracle tokens, oracle accuracy).
         task_specs (`Mapping[str, TaskSpec]`, *optional*): labels the y axes with each task's metric name.
         title (`str`, *optional*): figure title.
+        curves (`Mapping[str, Mapping[str, Sequence[tuple[float, float]]]]`, *optional*): task -> label -> points
+            (visual tokens, metric value), drawn as further lines (e.g. a learned scale selector's operating points).
 
     Raises:
         ImportError: matplotlib is not installed (`pip install 'comm-vlm[eval]'`).
@@ -46,6 +49,10 @@ def plot_metric_vs_tokens(
     for ax, (task, values) in zip(axes, series.items()):
         tokens = sorted(values)
         ax.plot(tokens, [100 * values[t] for t in tokens], marker="o", label="fixed scale")
+        for k, (label, points) in enumerate(((curves or {}).get(task) or {}).items()):
+            points = sorted(points)
+            xs, ys = [max(x, 1e-3) for x, _ in points], [100 * y for _, y in points]
+            ax.plot(xs, ys, marker=".", linestyle="--" if k else "-", color=f"C{k + 1}", label=label)
         if task in oracle:
             mean_tokens, accuracy = oracle[task]
             ax.scatter([max(mean_tokens, 1e-3)], [100 * accuracy], marker="*", s=150, color="C3", label="oracle")

@@ -35,6 +35,9 @@ TOKEN_SELECTIONS = ("avg_pool", "spatial", "sequential")
 TRAINING_MODES = ("all_scales", "random_scale")
 BUDGET_STRATEGIES = ("uniform", "greedy")
 PACKINGS = ("auto", "split", "one_row")
+# `matryoshka_scale="auto"`: a learned selector (`scale_selector_matryoshka`) picks every image's scale.
+AUTO_SCALE = "auto"
+SCALE_SELECTOR_DEFAULTS = {"width": 256, "margin": 0.05, "scales": None}
 
 
 def valid_matryoshka_scales(grid: int) -> list[int]:
@@ -52,17 +55,26 @@ def default_matryoshka_scales(grid: int) -> list[int]:
     return sorted(side * side for side in sides)
 
 
-def check_matryoshka_scale(scale: int, grid: int, name: str = "matryoshka_scale") -> int:
+def check_matryoshka_scale(
+    scale: int | str, grid: int, name: str = "matryoshka_scale", allow_auto: bool = False
+) -> int | None:
     """Validates `scale` for a `grid` x `grid` grid and returns the pooling kernel (= stride) `grid // sqrt(scale)`.
 
+    Args:
+        allow_auto (`bool`): also accept `"auto"` (the learned scale selector picks per image), returning `None`.
+
     Raises:
-        ValueError: `scale` is not a positive integer whose square root divides `grid`; the message lists the valid
-            scales.
+        ValueError: `scale` is not a positive integer whose square root divides `grid` (nor `"auto"` where allowed);
+            the message lists the valid scales.
     """
+    if allow_auto and isinstance(scale, str) and scale == AUTO_SCALE:
+        return None
     if isinstance(scale, bool) or not isinstance(scale, int):
+        auto = ' or "auto" (the learned scale selector picks per image)' if allow_auto else ""
         raise ValueError(
-            f"`{name}`={scale!r} is a {type(scale).__name__}, not an integer: a scale is a whole number of visual "
-            f"tokens per image, a square s*s with s dividing {grid}. Valid scales: {valid_matryoshka_scales(grid)}."
+            f"`{name}`={scale!r} is a {type(scale).__name__}, not an integer{auto}: a scale is a whole number of "
+            f"visual tokens per image, a square s*s with s dividing {grid}. Valid scales: "
+            f"{valid_matryoshka_scales(grid)}."
         )
     side = math.isqrt(scale) if scale > 0 else 0
     if side == 0 or side * side != scale or grid % side != 0:
@@ -73,20 +85,73 @@ def check_matryoshka_scale(scale: int, grid: int, name: str = "matryoshka_scale"
     return grid // side
 
 
-def as_integer(value: object, name: str) -> int:
+def as_integer(value: object, name: str, allow_auto: bool = False) -> int | str:
     """`value` as an `int`: Python and NumPy integers and one-element integer tensors pass (`operator.index`).
 
+    Args:
+        allow_auto (`bool`): also accept the string `"auto"` (returned as it is), where a learned scale selector
+            may pick the scale.
+
     Raises:
-        ValueError: `value` is a bool, a float (even a whole one: 9.0), a string or anything else.
+        ValueError: `value` is a bool, a float (even a whole one: 9.0), a string (other than an allowed `"auto"`) or
+            anything else.
     """
+    if allow_auto and isinstance(value, str) and value == AUTO_SCALE:
+        return AUTO_SCALE
     if not isinstance(value, bool):
         try:
             return operator.index(value)
         except TypeError:
             pass
+    auto = ' or "auto"' if allow_auto else ""
     raise ValueError(
-        f"`{name}` must be an integer, got {value!r} ({type(value).__name__}); pass a whole number such as 9."
+        f"`{name}` must be an integer{auto}, got {value!r} ({type(value).__name__}); pass a whole number such as "
+        f"9{auto}."
     )
+
+
+def check_scale_selector(selector: object, scales: Sequence[int]) -> dict | None:
+    """Validates `config.matryoshka_scale_selector` and fills its defaults; returns the completed dict (or `None`).
+
+    Keys: `width` (`int` >= 1, hidden width of the selector's MLP, default 256), `margin` (`float` in [0, 1], the
+    operating point: an image gets the smallest scale whose predicted P(correct) is within `margin` of the best
+    scale's; 0 = the most likely scale, 1 = always the smallest), `scales` (the scales it predicts for, a subset of
+    `matryoshka_scales` with at least two; default all of them).
+
+    Raises:
+        ValueError: not a dict, an unknown key, or a width, margin or scale list out of range.
+    """
+    if selector is None:
+        return None
+    if not isinstance(selector, dict):
+        raise ValueError(
+            f"`matryoshka_scale_selector` must be a dict such as {{'width': 256, 'margin': 0.05}} or None, got "
+            f"{selector!r} ({type(selector).__name__})."
+        )
+    unknown = sorted(set(selector) - set(SCALE_SELECTOR_DEFAULTS))
+    if unknown:
+        raise ValueError(
+            f"`matryoshka_scale_selector` has unknown keys {unknown}; allowed: {sorted(SCALE_SELECTOR_DEFAULTS)}."
+        )
+    out = {**SCALE_SELECTOR_DEFAULTS, **selector}
+    out["width"] = as_integer(out["width"], "matryoshka_scale_selector['width']")
+    if out["width"] < 1:
+        raise ValueError(f"`matryoshka_scale_selector['width']` must be at least 1, got {out['width']}.")
+    margin = out["margin"]
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0.0 <= float(margin) <= 1.0:
+        raise ValueError(
+            f"`matryoshka_scale_selector['margin']` must be a number in [0, 1] (a difference of probabilities: 0 "
+            f"picks the most likely scale, larger values trade accuracy for fewer tokens), got {margin!r}."
+        )
+    out["margin"] = float(margin)
+    chosen = list(scales) if out["scales"] is None else out["scales"]
+    if isinstance(chosen, (int, str)) or len(set(chosen)) < 2 or not set(chosen) <= set(scales):
+        raise ValueError(
+            f"`matryoshka_scale_selector['scales']`={out['scales']!r} must list at least two of the trained "
+            f"`matryoshka_scales`={list(scales)} (or be None for all of them)."
+        )
+    out["scales"] = sorted(set(int(s) for s in chosen))
+    return out
 
 
 def choose_image_scales(num_images: int, budget: int, scales: Sequence[int], strategy: str = "uniform") -> list[int]:
@@ -163,6 +228,10 @@ class MatryoshkaLlavaConfig(LlavaBranchConfig):
             dense masked attention over a long row is costly), `one_row` (every scale of a sample in one packed row,
             one LLM call: best on GPU, where a second call costs more than masked attention blocks) or `auto` (`split`
             on CPU, `one_row` elsewhere).
+        matryoshka_scale_selector (`dict`, *optional*): a learned per-image scale selector (`generate(...,
+            matryoshka_scale="auto")`, see `scale_selector_matryoshka`): `{"width": 256, "margin": 0.05, "scales":
+            None}`; `margin` is the accuracy/tokens operating point. `None` (default): no selector. Trained by
+            `comm-vlm train-scale-selector`.
     """
 
     model_type = "matryoshka_llava"
@@ -176,13 +245,15 @@ class MatryoshkaLlavaConfig(LlavaBranchConfig):
     train_language_model: bool = True
     matryoshka_share_prefix: bool = True
     matryoshka_packing: str = "auto"
+    matryoshka_scale_selector: dict | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         self._validate_matryoshka()
 
     def check_fields(self) -> None:
-        """[`CommConfig.check_fields`] plus the Matryoshka fields (scales, selection, training mode, packing)."""
+        """[`CommConfig.check_fields`] plus the Matryoshka fields (scales, selection, training mode, packing, scale
+        selector)."""
         super().check_fields()
         self._validate_matryoshka()
 
@@ -235,16 +306,20 @@ class MatryoshkaLlavaConfig(LlavaBranchConfig):
                 f"`matryoshka_training_mode`={self.matryoshka_training_mode!r} is unknown; use one of "
                 f"{TRAINING_MODES}."
             )
+        self.matryoshka_scale_selector = check_scale_selector(self.matryoshka_scale_selector, self.matryoshka_scales)
 
 
 __all__ = [
+    "AUTO_SCALE",
     "BUDGET_STRATEGIES",
     "MatryoshkaLlavaConfig",
     "PACKINGS",
     "TOKEN_SELECTIONS",
+    "SCALE_SELECTOR_DEFAULTS",
     "TRAINING_MODES",
     "as_integer",
     "check_matryoshka_scale",
+    "check_scale_selector",
     "choose_image_scales",
     "default_matryoshka_scales",
     "valid_matryoshka_scales",

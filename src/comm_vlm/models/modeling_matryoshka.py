@@ -10,6 +10,9 @@ mu-cai/matryoshka-mm. One set of weights serves S in {1, 9, 36, 144, 576} visual
   image, or per-image counts under a token budget and passes them as `matryoshka_image_scales`), so
   `pipeline("image-text-to-text")` just works; `generate(..., matryoshka_scale=9)` or `visual_token_budget=N`
   re-lay the prompt for that call (the returned sequences still start with the caller's prompt).
+* `generate(..., matryoshka_scale="auto")` (or the processor's `matryoshka_scale="auto"`): a learned selector
+  (`scale_selector_matryoshka`, `config.matryoshka_scale_selector`) picks every image's scale from its full grid and
+  its prompt; the images are encoded once.
 * Training: with `labels`, the loss is the mean over `config.matryoshka_scales` of each scale's next-token loss
   (`random_scale`: one random scale per sample). The vision branch runs once per image; all scales are pooled from
   the same projected grid, and the scale variants are packed into rows (see `packing_matryoshka`) that go through
@@ -56,6 +59,12 @@ from .packing_matryoshka import (
     weighted_next_token_loss,
 )
 from .pooling_matryoshka import select_visual_tokens
+from .scale_selector_matryoshka import (
+    auto_image_scales,
+    build_scale_selector,
+    is_auto_scale,
+    refuse_auto_in_forward,
+)
 
 
 logger = logging.get_logger(__name__)
@@ -241,6 +250,7 @@ class MatryoshkaLlavaModel(CommModel):
             vision_feature_layer, vision_feature_select_strategy: encode `pixel_values` with these instead of the
                 config's (see [`CommModel.get_image_features`]).
         """
+        refuse_auto_in_forward(matryoshka_scale)
         pixel_values, mm_encoder_outputs = self.encode_images_for_call(
             pixel_values, mm_encoder_outputs, vision_feature_layer, vision_feature_select_strategy
         )
@@ -376,6 +386,7 @@ class MatryoshkaLlavaForConditionalGeneration(CommForConditionalGeneration):
         CommPreTrainedModel.__init__(self, config)
         self.model = MatryoshkaLlavaModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.scale_selector = build_scale_selector(config)  # `matryoshka_scale="auto"`; None without a selector
         self.post_init()
         self.lm_head.requires_grad_(config.train_language_model)
 
@@ -422,6 +433,7 @@ class MatryoshkaLlavaForConditionalGeneration(CommForConditionalGeneration):
 
         See [`MatryoshkaLlavaModel.forward`] for the other arguments.
         """
+        refuse_auto_in_forward(matryoshka_scale)
         shift_labels = kwargs.pop("shift_labels", None)
         if shift_labels is not None:
             shift_labels = mask_image_shift_labels(shift_labels, input_ids, self.config.image_token_id)
@@ -488,7 +500,8 @@ class MatryoshkaLlavaForConditionalGeneration(CommForConditionalGeneration):
         """`GenerationMixin.generate` with a per-call scale.
 
         Args:
-            matryoshka_scale (`int`, *optional*): visual tokens for every image of this call.
+            matryoshka_scale (`int` or `"auto"`, *optional*): visual tokens for every image of this call; `"auto"`: the
+                model's learned `scale_selector` picks each image's scale (see `scale_selector_matryoshka`).
             visual_token_budget (`int`, *optional*): total visual tokens per prompt; per-image scales are chosen
                 from `config.matryoshka_scales` (see `choose_image_scales`).
             budget_strategy (`str`): `uniform` (one scale for all images of a prompt, the paper's video setting) or
@@ -506,8 +519,9 @@ class MatryoshkaLlavaForConditionalGeneration(CommForConditionalGeneration):
             return super().generate(input_ids, *args, **kwargs)
         if matryoshka_scale is not None and visual_token_budget is not None:
             raise ValueError("Pass either matryoshka_scale or visual_token_budget, not both.")
-        if matryoshka_scale is not None:
-            matryoshka_scale = as_integer(matryoshka_scale, "matryoshka_scale")
+        auto = is_auto_scale(matryoshka_scale)
+        if matryoshka_scale is not None and not auto:
+            matryoshka_scale = as_integer(matryoshka_scale, "matryoshka_scale", allow_auto=True)
         if visual_token_budget is not None:
             visual_token_budget = as_integer(visual_token_budget, "visual_token_budget")
         attention_mask = kwargs.get("attention_mask")
@@ -518,7 +532,14 @@ class MatryoshkaLlavaForConditionalGeneration(CommForConditionalGeneration):
             mask, pixel_values.shape[0], _as_list(kwargs.get("matryoshka_image_scales"))
         )
         current = [[length for _, length in row] for row in occurrences]
-        if matryoshka_scale is not None:
+        if auto:  # encode once; the selector reads the full grids the chosen scales are pooled from
+            options = ("vision_feature_layer", "vision_feature_select_strategy")
+            vision = {k: kwargs.pop(k) for k in options if k in kwargs}
+            image_outputs = self.model.get_image_features(pixel_values, return_dict=True, **vision)
+            full = torch.stack(list(image_outputs.pooler_output))
+            chosen = iter(auto_image_scales(self, input_ids, attention_mask, full, [len(r) for r in current]))
+            target = [[next(chosen) for _ in row] for row in current]
+        elif matryoshka_scale is not None:
             target = [[matryoshka_scale] * len(row) for row in current]
         elif visual_token_budget is not None:
             scales = self.config.matryoshka_scales
@@ -528,6 +549,12 @@ class MatryoshkaLlavaForConditionalGeneration(CommForConditionalGeneration):
         flat_target = [s for row in target for s in row]
         self.model._check_scales(flat_target)
         kwargs["matryoshka_image_scales"] = torch.tensor(flat_target, dtype=torch.long, device=input_ids.device)
+        if auto:
+            tokens = self.model.select_tokens(full, flat_target)
+            scales = kwargs["matryoshka_image_scales"]
+            encoded = MatryoshkaImageOutput(pooler_output=tokens, matryoshka_image_scales=scales)
+            kwargs.pop("pixel_values")
+            kwargs["mm_encoder_outputs"] = {**(kwargs.get("mm_encoder_outputs") or {}), "image": encoded}
         if target == current:
             return super().generate(input_ids, *args, **kwargs)
         pad_id = self.config.text_config.pad_token_id

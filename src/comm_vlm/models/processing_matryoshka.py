@@ -13,6 +13,10 @@ every image of a prompt gets the largest scale that fits (`budget_strategy="unif
 images are upgraded in order while the budget allows (`"greedy"`). The chosen tokens of every image are returned as
 `matryoshka_image_scales` (one entry per image, in order), which the model uses to split touching runs.
 
+`matryoshka_scale="auto"` leaves the choice to the model's learned scale selector: the processor writes the default
+scale's placeholders and returns `matryoshka_scale="auto"` with the inputs, so `model.generate(**inputs)` (and
+`pipeline(..., processor_kwargs={"matryoshka_scale": "auto"})`) picks each image's scale and re-lays the prompt.
+
 This file is self-contained (torch, transformers, numpy, PIL and the standard library only) so that it can be shipped
 as remote code.
 """
@@ -25,6 +29,7 @@ from transformers.processing_utils import ImagesKwargs, MultiModalData, Processi
 from transformers.utils import logging
 
 from .configuration_matryoshka import (
+    AUTO_SCALE,
     as_integer,
     check_matryoshka_scale,
     choose_image_scales,
@@ -57,8 +62,9 @@ class MatryoshkaLlavaProcessor(CommProcessor):
             largest of `matryoshka_scales`.
 
     Call arguments (besides [`CommProcessor`]'s): `matryoshka_scale` (`int`): tokens for every image of the call (any
-    scale the grid can produce); `visual_token_budget` (`int`): total visual tokens per prompt; `budget_strategy`
-    (`str`): `"uniform"` or `"greedy"`.
+    scale the grid can produce), or `"auto"` (the default scale's placeholders, and `matryoshka_scale="auto"` in the
+    output for `generate`, whose learned selector picks each image's scale); `visual_token_budget` (`int`): total
+    visual tokens per prompt; `budget_strategy` (`str`): `"uniform"` or `"greedy"`.
     """
 
     valid_processor_kwargs = MatryoshkaProcessorKwargs
@@ -93,7 +99,7 @@ class MatryoshkaLlavaProcessor(CommProcessor):
     def image_token_counts(
         self,
         text: str | list[str],
-        matryoshka_scale: int | None = None,
+        matryoshka_scale: int | str | None = None,
         visual_token_budget: int | None = None,
         budget_strategy: str = "uniform",
     ) -> list[int]:
@@ -101,7 +107,8 @@ class MatryoshkaLlavaProcessor(CommProcessor):
 
         Args:
             text (`str` or `list[str]`): prompts with one `image_token` per image.
-            matryoshka_scale (`int`, *optional*): one scale for every image (default: `matryoshka_default_scale`).
+            matryoshka_scale (`int` or `"auto"`, *optional*): one scale for every image (default and `"auto"`:
+                `matryoshka_default_scale`).
             visual_token_budget (`int`, *optional*): total tokens per prompt, split by `choose_image_scales`.
             budget_strategy (`str`): `"uniform"` or `"greedy"`.
 
@@ -118,13 +125,15 @@ class MatryoshkaLlavaProcessor(CommProcessor):
             for n in per_prompt:
                 counts += choose_image_scales(n, visual_token_budget, self.matryoshka_scales, budget_strategy)
             return counts
-        scale = self.matryoshka_default_scale if matryoshka_scale is None else matryoshka_scale
+        auto = matryoshka_scale is None or as_integer(matryoshka_scale, "matryoshka_scale", True) == AUTO_SCALE
+        scale = self.matryoshka_default_scale if auto else matryoshka_scale
         check_matryoshka_scale(as_integer(scale, "matryoshka_scale"), self.grid)
         return [scale] * sum(per_prompt)
 
     def __call__(self, images: Any = None, text: Any = None, videos: Any = None, audio: Any = None, **kwargs: Any):
         """[`CommProcessor.__call__`] plus `matryoshka_scale` / `visual_token_budget` / `budget_strategy`; adds
-        `matryoshka_image_scales` (tokens of each image, `(num_images,)`) when images are given."""
+        `matryoshka_image_scales` (tokens of each image, `(num_images,)`) when images are given, and
+        `matryoshka_scale="auto"` when asked for (read by `generate`)."""
         scale = kwargs.pop("matryoshka_scale", None)
         budget = kwargs.pop("visual_token_budget", None)
         strategy = kwargs.pop("budget_strategy", "uniform")
@@ -136,6 +145,8 @@ class MatryoshkaLlavaProcessor(CommProcessor):
         if counts is not None and "pixel_values" in outputs:
             as_tensor = isinstance(outputs["pixel_values"], torch.Tensor)
             outputs["matryoshka_image_scales"] = torch.tensor(counts, dtype=torch.long) if as_tensor else counts
+            if isinstance(scale, str) and scale == AUTO_SCALE:
+                outputs["matryoshka_scale"] = AUTO_SCALE
         return outputs
 
     def _process_images(self, images: Any, **kwargs: Any):
@@ -151,7 +162,8 @@ class MatryoshkaLlavaProcessor(CommProcessor):
 
     def _get_num_multimodal_tokens(self, image_sizes: list[list[int]] | None = None, **kwargs: Any) -> MultiModalData:
         """Placeholder tokens per image at the default scale (or `matryoshka_scale` in kwargs)."""
-        scale = kwargs.get("matryoshka_scale") or self.matryoshka_default_scale
+        scale = kwargs.get("matryoshka_scale")
+        scale = self.matryoshka_default_scale if scale is None or isinstance(scale, str) else scale
         vision_data = {}
         if image_sizes is not None:
             vision_data["num_image_tokens"] = [scale] * len(image_sizes)
