@@ -383,3 +383,45 @@ def test_an_anyres_processor_keeps_its_settings():
         "matryoshka_llava_next", config, image_processor, build_tiny_tokenizer(), CHAT_TEMPLATE
     )
     assert processor.matryoshka_scales == [1, 4, 16] and processor.patch_size == 7
+
+
+# --- the learned "auto" scale ----------------------------------------------------------------------------------------
+
+
+def test_auto_scale_picks_per_image_and_equals_the_chosen_fixed_scales(tmp_path):
+    from comm_vlm.models.scale_selector_matryoshka import auto_image_scales
+    from comm_vlm.testing import build_tiny_checkpoint
+
+    model, processor = build_tiny_checkpoint(
+        tmp_path, family="matryoshka_llava_next", matryoshka_scale_selector={"width": 16, "margin": 0.0}
+    )
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # a spread-out random selector, so that images and prompts get different scales
+        for param in model.scale_selector.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 2.0)
+    model.save_pretrained(tmp_path)
+    model.eval()
+    processor.tokenizer.padding_side = "left"
+    sizes = [(40, 70), (70, 40), (56, 56), (30, 90), (90, 30), (50, 50)]
+    prompts = [PROMPT, "USER: <image>\nHow many circles? ASSISTANT:", "USER: <image>\nIs it red? ASSISTANT:"] * 2
+    images = [picture(size, seed) for seed, size in enumerate(sizes)]
+    inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        tiles, _ = model.model.encode_tiles(inputs["pixel_values"], inputs["image_sizes"])
+        base = torch.stack([t[0] for t in tiles])
+    chosen = auto_image_scales(model, inputs["input_ids"], inputs["attention_mask"], base, [1] * len(images))
+    assert len(set(chosen)) > 1, chosen  # the test needs images at different scales
+    out = model.generate(**inputs, matryoshka_scale="auto", **{"max_new_tokens": 4, "do_sample": False})
+    for k, scale in enumerate(chosen):
+        single = processor(images=images[k], text=prompts[k], matryoshka_scale=scale, return_tensors="pt")
+        expected = model.generate(**single, max_new_tokens=4, do_sample=False)[:, single["input_ids"].shape[1] :]
+        assert torch.equal(out[k : k + 1, inputs["input_ids"].shape[1] :], expected)
+    by_processor = processor(images=images, text=prompts, padding=True, matryoshka_scale="auto", return_tensors="pt")
+    assert by_processor["matryoshka_scale"] == "auto"
+    reloaded = MatryoshkaLlavaNextForConditionalGeneration.from_pretrained(tmp_path).eval()
+    again = reloaded.generate(**by_processor, max_new_tokens=4, do_sample=False)
+    assert torch.equal(again, out)
+    with pytest.raises(ValueError, match="Call `model.generate"):
+        model(**by_processor)
+    with pytest.raises(ValueError, match="needs a learned scale selector"):
+        pair(TINY_GRID_PINPOINTS)[1].generate(**inputs, matryoshka_scale="auto", max_new_tokens=2)

@@ -207,11 +207,12 @@ def test_pipeline_auto_through_processor_or_generate_kwargs(with_selector):
 # --- training command -------------------------------------------------------------------------------------------
 
 
-def test_train_scale_selector_command_end_to_end(tmp_path, capsys):
+@pytest.mark.parametrize("family", ["matryoshka_llava", "matryoshka_llava_next"])
+def test_train_scale_selector_command_end_to_end(tmp_path, capsys, family):
     from comm_vlm.cli import main
     from comm_vlm.demo.synthetic import make_synthetic_dataset
 
-    build_tiny_checkpoint(tmp_path / "m3", family="matryoshka_llava")
+    build_tiny_checkpoint(tmp_path / "m3", family=family)
     rows = make_synthetic_dataset(3, seed=5, split="selector", tasks=["vqa"], image_dir=tmp_path / "images")
     with open(tmp_path / "rows.jsonl", "w") as f:
         for row in rows:

@@ -29,7 +29,12 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from ..models.configuration_matryoshka import check_scale_selector
-from ..models.scale_selector_matryoshka import MatryoshkaScaleSelector, choose_scales, selector_features
+from ..models.scale_selector_matryoshka import (
+    MatryoshkaScaleSelector,
+    choose_scales,
+    selector_features,
+    selector_grids,
+)
 from .runners import MatryoshkaEvalResult, _open_image, _prompt_messages, _rows_by_task, evaluate_matryoshka
 
 
@@ -185,15 +190,9 @@ def extract_selector_inputs(
             images = [_open_image(im) for r in batch for im in rows[r]["images"]]
             inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt")
             inputs = inputs.to(model.device).to(model.dtype)
-            encoded = model.model.get_image_features(inputs["pixel_values"], return_dict=True)
+            grids = selector_grids(model, inputs["pixel_values"], inputs.get("image_sizes"))
             per_row = [len(rows[r]["images"]) for r in batch]
-            image, text = selector_features(
-                model,
-                inputs["input_ids"],
-                inputs.get("attention_mask"),
-                torch.stack(list(encoded.pooler_output)),
-                per_row,
-            )
+            image, text = selector_features(model, inputs["input_ids"], inputs.get("attention_mask"), grids, per_row)
             images_out.append(image.cpu())
             texts_out.append(text.cpu())
             row_of_image += [r for r, n in zip(batch, per_row) for _ in range(n)]

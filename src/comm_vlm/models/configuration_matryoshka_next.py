@@ -34,6 +34,7 @@ from .configuration_matryoshka import (
     TRAINING_MODES,
     as_integer,
     check_matryoshka_scale,
+    check_scale_selector,
     default_matryoshka_scales,
     valid_matryoshka_scales,
 )
@@ -94,6 +95,9 @@ class MatryoshkaLlavaNextConfig(LlavaNextConfig):
             `matryoshka_scales`. `None` gives the largest (the full grid: plain LLaVA-NeXT).
         matryoshka_training_mode (`str`): `all_scales` (the paper: the loss is the mean over all scales) or
             `random_scale` (one random scale per training step).
+        matryoshka_scale_selector (`dict`, *optional*): the learned per-image scale selector of
+            `generate(..., matryoshka_scale="auto")` (`{"width": 256, "margin": 0.05, "scales": None}`, see
+            [`MatryoshkaLlavaConfig`]); it reads each image's base view. `None` (default): no selector.
         kwargs: [`LlavaNextConfig`]'s fields.
     """
 
@@ -102,6 +106,7 @@ class MatryoshkaLlavaNextConfig(LlavaNextConfig):
     matryoshka_scales: list[int] | None = None
     matryoshka_default_scale: int | None = None
     matryoshka_training_mode: str = "all_scales"
+    matryoshka_scale_selector: dict | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -163,6 +168,7 @@ class MatryoshkaLlavaNextConfig(LlavaNextConfig):
                 f"`matryoshka_training_mode`={self.matryoshka_training_mode!r} is unknown; use one of "
                 f"{TRAINING_MODES}."
             )
+        self.matryoshka_scale_selector = check_scale_selector(self.matryoshka_scale_selector, self.matryoshka_scales)
         tile = self.vision_config.image_size
         bad = [p for p in self.image_grid_pinpoints if len(p) != 2 or p[0] % tile or p[1] % tile]
         if bad:

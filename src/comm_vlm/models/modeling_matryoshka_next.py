@@ -45,6 +45,7 @@ from .configuration_matryoshka import as_integer
 from .configuration_matryoshka_next import MatryoshkaLlavaNextConfig, anyres_tile_grid
 from .packing_matryoshka import IGNORE_INDEX, _as_list, build_scale_batch, split_image_occurrences
 from .pooling_matryoshka import select_visual_tokens
+from .scale_selector_matryoshka import auto_image_scales, build_scale_selector, is_auto_scale, refuse_auto_in_forward
 
 
 logger = logging.get_logger(__name__)
@@ -307,6 +308,7 @@ class MatryoshkaLlavaNextModel(LlavaNextModel):
         per tile; default: the scale the placeholders hold, see `image_scales_for`). A batch re-laid for all scales
         (`relay_next_training_batch`) names the image of every run in `matryoshka_image_index`, with
         `matryoshka_image_scales` then per run; each image is still encoded once."""
+        refuse_auto_in_forward(matryoshka_scale)
         if pixel_values is not None and pixel_values.size(0) > 0 and (mm_encoder_outputs or {}).get("image") is None:
             if image_sizes is None:
                 raise ValueError("LLaVA-NeXT images need `image_sizes` (the processor returns them).")
@@ -367,6 +369,7 @@ class MatryoshkaLlavaNextForConditionalGeneration(LlavaNextForConditionalGenerat
         LlavaNextPreTrainedModel.__init__(self, config)
         self.model = MatryoshkaLlavaNextModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.scale_selector = build_scale_selector(config)  # `matryoshka_scale="auto"`; None without a selector
         self.post_init()
 
     def get_image_features(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor, **kwargs):
@@ -451,6 +454,7 @@ class MatryoshkaLlavaNextForConditionalGeneration(LlavaNextForConditionalGenerat
 
         See `LlavaNextForConditionalGeneration.forward` for the other arguments.
         """
+        refuse_auto_in_forward(matryoshka_scale)
         common = dict(
             image_sizes=image_sizes,
             past_key_values=past_key_values,
@@ -555,7 +559,9 @@ class MatryoshkaLlavaNextForConditionalGeneration(LlavaNextForConditionalGenerat
         """`GenerationMixin.generate` with a per-call scale.
 
         Args:
-            matryoshka_scale (`int`, *optional*): tokens per tile for every image of this call.
+            matryoshka_scale (`int` or `"auto"`, *optional*): tokens per tile for every image of this call; `"auto"`:
+                the model's learned `scale_selector` picks each image's scale from its base view's projected grid and
+                its prompt (the tiles are encoded once; see `scale_selector_matryoshka`).
             visual_token_budget (`int`, *optional*): total visual tokens per prompt (tiles, base views and newlines of
                 all its images or video grids); each prompt gets the largest trained scale that fits.
 
@@ -572,7 +578,19 @@ class MatryoshkaLlavaNextForConditionalGeneration(LlavaNextForConditionalGenerat
             raise ValueError("Pass either matryoshka_scale or visual_token_budget, not both.")
         current = self.model.image_scales_for(input_ids, image_sizes, None, kwargs.get("matryoshka_image_scales"))
         sizes = [[int(v) for v in size] for size in image_sizes]
-        if matryoshka_scale is not None:
+        encoded = None
+        if is_auto_scale(matryoshka_scale):  # encode once: the selector reads the base views, the tiles are pooled
+            options = ("vision_feature_layer", "vision_feature_select_strategy")
+            tiles, _ = self.model.encode_tiles(pixel_values, image_sizes, *(kwargs.pop(k, None) for k in options))
+            mask = input_ids == self.config.image_token_id
+            if kwargs.get("attention_mask") is not None:
+                mask &= kwargs["attention_mask"].bool()
+            counts = [self.config.num_image_tokens(size, s) for size, s in zip(sizes, current)]
+            per_row = [len(row) for row in split_image_occurrences(mask, len(sizes), counts)]
+            base_views = torch.stack([image_tiles[0] for image_tiles in tiles])  # (num_images, g * g, D)
+            target = auto_image_scales(self, input_ids, kwargs.get("attention_mask"), base_views, per_row)
+            encoded = BaseModelOutputWithPooling(pooler_output=self.model.pooled_features(tiles, image_sizes, target))
+        elif matryoshka_scale is not None:
             target = self.model.image_scales_for(None, image_sizes, matryoshka_scale)
         elif visual_token_budget is not None:
             mask = input_ids == self.config.image_token_id
@@ -586,6 +604,9 @@ class MatryoshkaLlavaNextForConditionalGeneration(LlavaNextForConditionalGenerat
         else:
             target = current
         kwargs["matryoshka_image_scales"] = torch.tensor(target, dtype=torch.long, device=input_ids.device)
+        if encoded is not None:
+            kwargs.pop("pixel_values")
+            kwargs["mm_encoder_outputs"] = {**(kwargs.get("mm_encoder_outputs") or {}), "image": encoded}
         if target == current:
             return super().generate(input_ids, *args, **kwargs)
         ids, mask, _ = self.relay_prompt(

@@ -27,7 +27,7 @@ from transformers import LlavaNextProcessor
 from transformers.image_processing_utils import select_best_resolution
 from transformers.processing_utils import ImagesKwargs, MultiModalData, ProcessingKwargs
 
-from .configuration_matryoshka import as_integer, check_matryoshka_scale, default_matryoshka_scales
+from .configuration_matryoshka import AUTO_SCALE, as_integer, check_matryoshka_scale, default_matryoshka_scales
 from .image_utils import load_images
 
 
@@ -81,7 +81,9 @@ class MatryoshkaLlavaNextProcessor(LlavaNextProcessor):
         matryoshka_default_scale (`int`, *optional*): tokens per tile when a call names none; `None` gives the
             largest of `matryoshka_scales` (plain LLaVA-NeXT).
 
-    Call arguments (besides [`LlavaNextProcessor`]'s): `matryoshka_scale` (`int`): tokens per tile of every image;
+    Call arguments (besides [`LlavaNextProcessor`]'s): `matryoshka_scale` (`int`): tokens per tile of every image, or
+    `"auto"` (the default scale's placeholders, and `matryoshka_scale="auto"` in the output: `generate`'s learned
+    selector then picks each image's scale);
     `visual_token_budget` (`int`): total visual tokens per prompt (each prompt gets the largest scale that fits);
     `videos`: one video (frames) per `<image>` in the text, pasted into one picture by `frames_to_grid_image`.
     The output adds `matryoshka_image_scales` `(num_images,)`.
@@ -157,7 +159,8 @@ class MatryoshkaLlavaNextProcessor(LlavaNextProcessor):
         if matryoshka_scale is not None and visual_token_budget is not None:
             raise ValueError("Pass either matryoshka_scale or visual_token_budget, not both.")
         if visual_token_budget is None:
-            scale = self.matryoshka_default_scale if matryoshka_scale is None else matryoshka_scale
+            auto = matryoshka_scale is None or as_integer(matryoshka_scale, "matryoshka_scale", True) == AUTO_SCALE
+            scale = self.matryoshka_default_scale if auto else matryoshka_scale
             self.num_image_tokens((1, 1), scale)  # validates
             return [int(scale)] * len(image_sizes)
         budget = as_integer(visual_token_budget, "visual_token_budget")
@@ -200,6 +203,8 @@ class MatryoshkaLlavaNextProcessor(LlavaNextProcessor):
         if scales is not None and "pixel_values" in outputs:
             as_tensor = isinstance(outputs["pixel_values"], torch.Tensor)
             outputs["matryoshka_image_scales"] = torch.tensor(scales, dtype=torch.long) if as_tensor else scales
+            if isinstance(scale, str) and scale == AUTO_SCALE:
+                outputs["matryoshka_scale"] = AUTO_SCALE  # read by generate
         return outputs
 
     def _process_images(self, images: Any, **kwargs: Any):
@@ -212,7 +217,8 @@ class MatryoshkaLlavaNextProcessor(LlavaNextProcessor):
 
     def _get_num_multimodal_tokens(self, image_sizes: list[list[int]] | None = None, **kwargs: Any) -> MultiModalData:
         """Placeholders per image at the default scale (or `matryoshka_scale` in kwargs)."""
-        scale = kwargs.get("matryoshka_scale") or self.matryoshka_default_scale
+        scale = kwargs.get("matryoshka_scale")
+        scale = self.matryoshka_default_scale if scale is None or isinstance(scale, str) else scale
         vision_data = {}
         if image_sizes is not None:
             vision_data["num_image_tokens"] = [self.num_image_tokens(size, scale) for size in image_sizes]

@@ -118,7 +118,7 @@ def refuse_auto_in_forward(scale: object) -> None:
         raise ValueError(
             'matryoshka_scale="auto" is chosen per image by `generate`, which re-lays the prompt for the chosen '
             "scales; a forward pass takes the placeholders as they are. Call `model.generate(**inputs)`, or build "
-            "the inputs with an integer `matryoshka_scale` (MatryoshkaLlavaProcessor(..., matryoshka_scale=S)) for "
+            "the inputs with an integer scale (the processor's `matryoshka_scale=S`) for "
             "a forward pass."
         )
 
@@ -182,6 +182,19 @@ def selector_features(
     return torch.cat([grid.mean(dim=1), grid.std(dim=1, unbiased=False)], dim=-1), text[rows]
 
 
+def selector_grids(
+    model: nn.Module, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The projected grid the selector reads for every image, `(N, g * g, D)`: the full grid of an M3 model, or for
+    Matryoshka-LLaVA-NeXT the base view (the whole image at one tile's resolution; our choice: one grid per image
+    whatever its tiling, the same input as on LLaVA-1.5)."""
+    encode_tiles = getattr(model.model, "encode_tiles", None)
+    if encode_tiles is not None:
+        tiles, _ = encode_tiles(pixel_values, image_sizes)
+        return torch.stack([image_tiles[0] for image_tiles in tiles])
+    return torch.stack(list(model.model.get_image_features(pixel_values, return_dict=True).pooler_output))
+
+
 def build_scale_selector(config) -> MatryoshkaScaleSelector | None:
     """The selector `config.matryoshka_scale_selector` describes (`None` when unset)."""
     spec = getattr(config, "matryoshka_scale_selector", None)
@@ -235,5 +248,6 @@ __all__ = [
     "is_auto_scale",
     "refuse_auto_in_forward",
     "selector_features",
+    "selector_grids",
     "text_summaries",
 ]
