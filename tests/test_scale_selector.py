@@ -232,3 +232,41 @@ def test_train_scale_selector_command_end_to_end(tmp_path, capsys, family):
     assert model.generate(**inputs, **GREEDY).shape[1] > inputs["input_ids"].shape[1]
     assert main([*argv[:-2], "--output-dir", str(tmp_path / "bad"), "--margin", "3"]) == 2
     assert "number in [0, 1]" in capsys.readouterr().err
+
+
+def test_evaluate_matryoshka_scores_auto_next_to_the_fixed_scales_and_the_oracle(with_selector, tmp_path):
+    from comm_vlm.demo.synthetic import make_synthetic_dataset
+    from comm_vlm.evaluation.runners import _prompt_messages, evaluate_matryoshka
+    from comm_vlm.evaluation.scale_selection import auto_scale_points
+
+    model, processor, _ = with_selector
+    saved_weights = {k: v.clone() for k, v in model.scale_selector.state_dict().items()}
+    rows = make_synthetic_dataset(4, seed=7, split="selector", tasks=["vqa"], image_dir=tmp_path / "images")
+    prompts = [
+        processor.apply_chat_template(_prompt_messages(r["messages"]), add_generation_prompt=True) for r in rows
+    ]
+    try:
+        for seed in range(40):  # a selector that picks different scales for these rows
+            spread_selector(model, seed)
+            chosen = []  # the selector's choice per row, from the processor's inputs one row at a time
+            for row, prompt in zip(rows, prompts):
+                inputs = processor(images=[Image.open(row["images"][0])], text=prompt, return_tensors="pt")
+                chosen += chosen_scales(model, inputs)
+            if len(set(chosen)) > 1:
+                break
+        assert len(set(chosen)) > 1, chosen
+        outcome = evaluate_matryoshka(
+            model, processor, rows, output_dir=tmp_path / "eval", batch_size=4, max_new_tokens=3
+        )
+        tokens, accuracy = outcome.auto["vqa"]
+        assert tokens == pytest.approx(sum(chosen) / len(chosen))
+        assert "auto (mean tokens)" in (tmp_path / "eval" / "matryoshka_results.md").read_text()
+        saved = json.loads((tmp_path / "eval" / "matryoshka_results.json").read_text())
+        assert saved["auto"]["vqa"] == {"mean_tokens": tokens, "accuracy": accuracy}
+        # the bookkeeping on correctness that differs between scales: row k right at scale s iff (k + s) is odd
+        for scale in outcome.scales:
+            outcome.per_scale[scale].tasks["vqa"].correct = [(k + scale) % 2 == 1 for k in range(len(rows))]
+        expected = sum((k + s) % 2 == 1 for k, s in enumerate(chosen)) / len(rows)
+        assert auto_scale_points(model, processor, list(rows), outcome)["vqa"][1] == pytest.approx(expected)
+    finally:
+        model.scale_selector.load_state_dict(saved_weights)

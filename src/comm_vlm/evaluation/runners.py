@@ -338,6 +338,8 @@ class MatryoshkaEvalResult:
             each sample correctly; see `comm_vlm.evaluation.oracle`). CIDEr tasks have no binary correctness and no
             oracle.
         plot_path (`str`, *optional*): the accuracy-vs-tokens PNG, when written.
+        auto (`dict[str, tuple[float, float]]`): for a model with a learned scale selector, per binary task, the
+            (mean visual tokens, accuracy) of `matryoshka_scale="auto"` (`scale_selection.auto_scale_points`).
     """
 
     scales: list[int]
@@ -345,6 +347,7 @@ class MatryoshkaEvalResult:
     tokens_per_scale: dict[int, float]
     oracle: dict[str, Any] = field(default_factory=dict)
     plot_path: str | None = None
+    auto: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     def series(self) -> dict[str, dict[float, float]]:
         """Per task, visual tokens -> the primary metric (fraction; CIDEr in coco-caption units)."""
@@ -366,15 +369,17 @@ class MatryoshkaEvalResult:
             "tokens_per_scale": {str(s): t for s, t in self.tokens_per_scale.items()},
             "per_scale": {str(s): self.per_scale[s].to_dict(with_predictions) for s in self.scales},
             "oracle": {task: _report_dict(report) for task, report in self.oracle.items()},
+            "auto": {task: {"mean_tokens": t, "accuracy": a} for task, (t, a) in self.auto.items()},
             "plot": self.plot_path,
         }
 
     def to_markdown(self) -> str:
         """Per task, the primary metric (x100) at every scale, the baseline and the oracle (metric @ mean tokens)."""
         header = " | ".join(f"{self.tokens_per_scale[s]:g} tok" for s in self.scales)
+        auto_header = " auto (mean tokens) |" if self.auto else ""
         lines = [
-            f"| task | metric (x100) | {header} | baseline | oracle (mean tokens) |",
-            "|---|---|" + "---:|" * len(self.scales) + "---:|---:|",
+            f"| task | metric (x100) | {header} | baseline | oracle (mean tokens) |{auto_header}",
+            "|---|---|" + "---:|" * len(self.scales) + "---:|---:|" + ("---:|" if self.auto else ""),
         ]
         for task, values in self.series().items():
             key, label = TASK_SPECS[task].table[0]
@@ -385,7 +390,10 @@ class MatryoshkaEvalResult:
             if report is not None:
                 info = _report_dict(report)
                 oracle = f"{100 * info['oracle_accuracy']:.1f} ({info['oracle_mean_tokens']:.2f})"
-            lines.append(f"| {task} | {label} | {cells} | {baseline:.1f} | {oracle} |")
+            auto = ""
+            if self.auto:
+                auto = f" {100 * self.auto[task][1]:.1f} ({self.auto[task][0]:.2f}) |" if task in self.auto else " - |"
+            lines.append(f"| {task} | {label} | {cells} | {baseline:.1f} | {oracle} |{auto}")
         return "\n".join(lines)
 
     def save(self, output_dir: str | os.PathLike, with_predictions: bool = False) -> Path:
@@ -438,6 +446,9 @@ def evaluate_matryoshka(
         processor_kwargs (`dict`, *optional*): other processor arguments.
         evaluate_kwargs: passed to [`evaluate`] (`tasks`, `batch_size`, `max_new_tokens`, ...).
 
+    A model with a learned scale selector (`config.matryoshka_scale_selector`) also gets `matryoshka_scale="auto"`
+    per binary task (`MatryoshkaEvalResult.auto`: mean tokens and accuracy, in the table and on the plot).
+
     Raises:
         ValueError: the processor does not take `matryoshka_scale`, or no scales are known.
     """
@@ -467,6 +478,11 @@ def evaluate_matryoshka(
         correct = {s: per_scale[s].tasks[task].correct for s in scales}
         oracle[task] = oracle_fn(correct, [True] * result.num_samples, is_correct=_is_true, tokens_per_scale=tokens)
     outcome = MatryoshkaEvalResult(scales, per_scale, tokens, oracle)
+    if getattr(model, "scale_selector", None) is not None and oracle:
+        from .scale_selection import auto_scale_points
+
+        rows = [dict(row) for row in dataset]
+        outcome.auto = auto_scale_points(model, processor, rows, outcome, evaluate_kwargs.get("batch_size", 32))
     if output_dir is not None:
         if plot:
             from .plots import plot_metric_vs_tokens
@@ -477,7 +493,8 @@ def evaluate_matryoshka(
                 oracle_points[task] = (info["oracle_mean_tokens"], info["oracle_accuracy"])
             path = Path(output_dir) / "accuracy_vs_tokens.png"
             Path(output_dir).mkdir(parents=True, exist_ok=True)
-            plot_metric_vs_tokens(outcome.series(), path, oracle_points, TASK_SPECS)
+            curves = {task: {"auto (selector)": [point]} for task, point in outcome.auto.items()}
+            plot_metric_vs_tokens(outcome.series(), path, oracle_points, TASK_SPECS, curves=curves or None)
             outcome.plot_path = str(path)
         outcome.save(output_dir)
     return outcome

@@ -335,6 +335,45 @@ def train_scale_selector(
     return report
 
 
+@torch.no_grad()
+def auto_scale_points(
+    model: Any, processor: Any, rows: Sequence[dict], outcome: MatryoshkaEvalResult, batch_size: int = 32
+) -> dict[str, tuple[float, float]]:
+    """`matryoshka_scale="auto"` on an evaluation already run at every scale: per task with per-sample correctness,
+    (mean visual tokens per sample, accuracy) of the selector's choices.
+
+    Each sample is scored from the run at the scale the selector picks for it, which is what `generate(...,
+    matryoshka_scale="auto")` answers (it pools the same grids and re-lays the prompt as that fixed scale; asserted in
+    `tests/test_scale_selector.py`). Rows with several images are skipped (their images may get different scales).
+
+    Args:
+        model: an M3 model with a `scale_selector`; processor: its processor.
+        rows (`Sequence[dict]`): the evaluated rows, in the order `outcome` saw them.
+        outcome ([`MatryoshkaEvalResult`]): the per-scale runs (`evaluate_matryoshka`).
+    """
+    single = [i for i, row in enumerate(rows) if len(row.get("images") or []) == 1]
+    if not single:
+        return {}
+    image, text, row_of_image = extract_selector_inputs(model, processor, [rows[i] for i in single], batch_size)
+    selector = model.scale_selector
+    param = next(selector.parameters())
+    probabilities = torch.sigmoid(selector(image.to(param.device), text.to(param.device)).float()).cpu()
+    margin = model.config.matryoshka_scale_selector["margin"]
+    chosen = dict(zip((single[r] for r in row_of_image), choose_scales(probabilities, selector.scales, margin)))
+    row_tasks = [row.get("task") for row in rows]
+    points = {}
+    for task, first in outcome.per_scale[outcome.scales[0]].tasks.items():
+        if first.correct is None:
+            continue
+        task_rows = [i for i, t in enumerate(row_tasks) if t == task]
+        picked = [(k, chosen[i]) for k, i in enumerate(task_rows) if i in chosen]
+        if picked:
+            right = [outcome.per_scale[s].tasks[task].correct[k] for k, s in picked]
+            tokens = sum(outcome.tokens_per_scale[s] for _, s in picked) / len(picked)
+            points[task] = (tokens, sum(map(bool, right)) / len(right))
+    return points
+
+
 def save_with_scale_selector(
     model: Any, processor: Any, output_dir: str | os.PathLike, report: SelectorTrainingReport
 ) -> Path:
