@@ -180,3 +180,15 @@ def test_layouts_and_targets_that_do_not_match_are_refused(reference, tmp_path):
     with pytest.raises(ValueError, match="1 missing keys: \\['model.image_newline'\\]"):
         convert_checkpoint(next_hf, tmp_path / "d", "llava-hf", "matryoshka_llava_next")
     assert not any((tmp_path / name).exists() for name in "abcd")
+
+
+def test_derivation_between_branch_families_refuses_anyres_checkpoints(tmp_path):
+    from comm_vlm.testing import build_tiny_checkpoint
+
+    build_tiny_checkpoint(tmp_path / "next", family="matryoshka_llava_next")
+    build_tiny_checkpoint(tmp_path / "comm", family="comm")
+    with pytest.raises(ValueError, match="built on LLaVA-NeXT's anyres tiles"):
+        convert_checkpoint(tmp_path / "next", tmp_path / "a", "comm-vlm", "matryoshka_llava")
+    with pytest.raises(ValueError, match="--to matryoshka_llava_next"):
+        convert_checkpoint(tmp_path / "comm", tmp_path / "b", "comm-vlm", "matryoshka_llava_next")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

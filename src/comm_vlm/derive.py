@@ -112,6 +112,18 @@ def derive_checkpoint(
             f"{source} is a {source_config.model_type!r} checkpoint, not one of {sorted(FAMILIES)}: convert it first "
             "(`comm-vlm convert --from llava-hf` or `--from llava-original`)."
         )
+    anyres = [
+        name
+        for name in (source_config.model_type, target)
+        if not hasattr(FAMILIES[name].config_class, "from_comm_config")
+    ]
+    if anyres:
+        raise ValueError(
+            f"{source} ({source_config.model_type}) cannot be derived into {target}: derivation works between the "
+            f"families on a COMM visual branch, and {anyres[0]} is built on LLaVA-NeXT's anyres tiles. Convert a "
+            "LLaVA-NeXT checkpoint with `comm-vlm convert --from llava-hf|llava-original SRC DST --to "
+            "matryoshka_llava_next`."
+        )
     if output.exists() and any(output.iterdir()) and not overwrite:
         raise ValueError(f"{output} exists and is not empty; pass overwrite=True (--overwrite) or another directory.")
     check_config_fields(target, config_fields)
