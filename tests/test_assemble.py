@@ -47,3 +47,35 @@ def test_assemble_from_local_parts(tmp_path, monkeypatch):
     pipe = pipeline("image-text-to-text", model=model, processor=processor)
     out = pipe(images=Image.new("RGB", (30, 30), "red"), text="USER: <image>\nHi ASSISTANT:", max_new_tokens=3)
     assert isinstance(out[0]["generated_text"], str)
+
+
+def test_assemble_matryoshka_llava_next_from_local_parts(tmp_path, monkeypatch):
+    from comm_vlm.testing import TINY_GRID_PINPOINTS
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(0)
+    clip = AutoModel.from_config(CLIPVisionConfig(**_fields(tiny_vision_config())))
+    clip.save_pretrained(tmp_path / "clip")
+    tiny_image_processor(28).save_pretrained(tmp_path / "clip")
+    tokenizer = build_tiny_tokenizer(with_image_token=False)
+    LlamaForCausalLM(LlamaConfig(**_fields(tiny_text_config(len(tokenizer))))).save_pretrained(tmp_path / "llm")
+    tokenizer.save_pretrained(tmp_path / "llm")
+    parts = dict(vision=tmp_path / "clip", text=tmp_path / "llm", family="matryoshka_llava_next")
+    model, processor = assemble_comm(**parts, image_grid_pinpoints=TINY_GRID_PINPOINTS)
+    clip_state = clip.state_dict()
+    assert all(torch.equal(t, clip_state[n]) for n, t in model.model.vision_tower.state_dict().items())
+    assert not model.model.image_newline.is_meta and model.model.image_newline.abs().sum() > 0  # initialised
+    assert processor.image_processor.image_grid_pinpoints == TINY_GRID_PINPOINTS
+    inputs = processor(
+        images=Image.new("RGB", (70, 40), "red"),
+        text="USER: <image>\nHi ASSISTANT:",
+        matryoshka_scale=4,
+        return_tensors="pt",
+    )
+    assert model.generate(**inputs, max_new_tokens=3, do_sample=False).shape[1] == inputs["input_ids"].shape[1] + 3
+    try:
+        assemble_comm(**parts, secondary_vision=tmp_path / "clip")
+    except ValueError as err:
+        assert "one vision encoder" in str(err)
+    else:
+        raise AssertionError("a second encoder was accepted")

@@ -90,7 +90,8 @@ def assemble_comm(
         text: causal LM repo id or directory (its tokenizer is used).
         secondary_vision: optional second encoder (DINOv2 for COMM), run at the primary's patch grid; without it the
             model has one encoder, whatever the family's default (the encoder study's single-branch models).
-        family: `comm`, `matryoshka_llava` or `adaptive_combiner` (`comm_vlm.families.FAMILIES`); each family's
+        family: `comm`, `matryoshka_llava`, `adaptive_combiner` or `matryoshka_llava_next` (one encoder, LLaVA-NeXT's
+            tiles; `image_grid_pinpoints` in `config_overrides`) (`comm_vlm.families.FAMILIES`); each family's
             config defaults apply (M3 and the combiner default to LLaVA-1.5's branch).
         image_token: the image placeholder, added to the tokenizer when missing.
         dtype: of every weight (`"bfloat16"` for a 7B model).
@@ -103,6 +104,9 @@ def assemble_comm(
     """
     classes = get_family(family)
     check_config_fields(family, config_overrides)
+    anyres = "secondary_vision_config" not in classes.config_class.__dataclass_fields__  # LLaVA-NeXT's tiles
+    if anyres and secondary_vision is not None:
+        raise ValueError(f"{family} has one vision encoder (LLaVA-NeXT's); drop `secondary_vision`.")
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     tokenizer = AutoTokenizer.from_pretrained(text)
     if image_token not in tokenizer.get_vocab():
@@ -125,13 +129,10 @@ def assemble_comm(
             "`secondary_vision=...` (e.g. facebook/dinov2-large), whose config is read from the checkpoint."
         )
     text_config = AutoConfig.from_pretrained(text)
-    config = classes.config_class(
-        vision_config=vision_config,
-        secondary_vision_config=secondary_config,
-        text_config=text_config,
-        image_token_index=tokenizer.convert_tokens_to_ids(image_token),
-        **config_overrides,
-    )
+    fields = dict(vision_config=vision_config, text_config=text_config, **config_overrides)
+    if not anyres:
+        fields["secondary_vision_config"] = secondary_config
+    config = classes.config_class(image_token_index=tokenizer.convert_tokens_to_ids(image_token), **fields)
     with torch.device("meta"):
         model = classes.model_class(config)
     model.model.vision_tower = vision_tower
