@@ -126,9 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     assemble.add_argument(
         "--family",
-        choices=["comm", "matryoshka_llava", "adaptive_combiner"],
+        choices=["comm", "matryoshka_llava", "adaptive_combiner", "matryoshka_llava_next"],
         default="comm",
-        help="model family (M3 and the combiner default to LLaVA-1.5's vision branch)",
+        help="model family (M3 and the combiner default to LLaVA-1.5's vision branch; matryoshka_llava_next: "
+        "LLaVA-NeXT's tiles, one encoder)",
     )
     assemble.add_argument(
         "--set",
