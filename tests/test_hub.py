@@ -419,6 +419,7 @@ REMOTE_CODE = {
         "processing_matryoshka_next.py",
         "pooling_matryoshka.py",
         "packing_matryoshka.py",
+        "packing_matryoshka_next.py",
         "image_utils.py",
     },
 }

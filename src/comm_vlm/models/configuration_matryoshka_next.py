@@ -140,6 +140,25 @@ class MatryoshkaLlavaNextConfig(LlavaNextConfig):
         side = self.check_scale(scale)
         return anyres_token_count(image_size, self.image_grid_pinpoints, self.vision_config.image_size, side)
 
+    def budget_scales(self, image_sizes: Sequence[Sequence[int]], budget: int) -> list[int]:
+        """One trained scale for all images of a prompt: the largest whose tokens (newlines included) fit `budget`.
+
+        Raises:
+            ValueError: the budget is not an integer, or is too small for the smallest scale (the need is given).
+        """
+        budget = as_integer(budget, "visual_token_budget")
+        if not image_sizes:
+            return []
+        need = {s: sum(self.num_image_tokens(size, s) for size in image_sizes) for s in self.matryoshka_scales}
+        fitting = [s for s, n in need.items() if n <= budget]
+        if not fitting:
+            smallest = min(need)
+            raise ValueError(
+                f"A visual token budget of {budget} cannot hold these {len(image_sizes)} image(s): the smallest scale "
+                f"({smallest} per tile) needs {need[smallest]} tokens. Raise the budget or pass fewer images/frames."
+            )
+        return [max(fitting)] * len(image_sizes)
+
     def check_fields(self) -> None:
         """Validates the Matryoshka fields against the tile grid; raises `ValueError` saying what to change."""
         if self.vision_feature_select_strategy != "default":

@@ -43,7 +43,8 @@ from transformers.utils import can_return_tuple, logging
 
 from .configuration_matryoshka import as_integer
 from .configuration_matryoshka_next import MatryoshkaLlavaNextConfig, anyres_tile_grid
-from .packing_matryoshka import IGNORE_INDEX, _as_list, build_scale_batch, split_image_occurrences
+from .packing_matryoshka import IGNORE_INDEX, _as_list, split_image_occurrences
+from .packing_matryoshka_next import relay_prompt
 from .pooling_matryoshka import select_visual_tokens
 from .scale_selector_matryoshka import auto_image_scales, build_scale_selector, is_auto_scale, refuse_auto_in_forward
 
@@ -376,47 +377,6 @@ class MatryoshkaLlavaNextForConditionalGeneration(LlavaNextForConditionalGenerat
         """See [`MatryoshkaLlavaNextModel.get_image_features`]."""
         return self.model.get_image_features(pixel_values, image_sizes, **kwargs)
 
-    def relay_prompt(
-        self,
-        input_ids: torch.LongTensor,
-        attention_mask: torch.Tensor | None,
-        labels: torch.LongTensor | None,
-        image_sizes: torch.Tensor,
-        current: Sequence[int],
-        target: Sequence[int],
-        padding_side: str = "right",
-    ):
-        """Rewrites every image's placeholder run from its tokens at the `current` scales to the `target` scales.
-
-        Returns:
-            `(input_ids, attention_mask, labels)` of the re-laid batch (`labels` `None` when not given; image
-            positions -100).
-        """
-        sizes = [[int(v) for v in size] for size in image_sizes]
-        before = [self.config.num_image_tokens(size, s) for size, s in zip(sizes, current)]
-        after = [self.config.num_image_tokens(size, s) for size, s in zip(sizes, target)]
-        mask = input_ids == self.config.image_token_id
-        if attention_mask is not None:
-            mask &= attention_mask.bool()
-        rows = split_image_occurrences(mask, len(sizes), before)
-        variants, k = [], 0
-        for row in rows:
-            variants.append([after[k : k + len(row)]])
-            k += len(row)
-        pad_id = self.config.text_config.pad_token_id
-        batch = build_scale_batch(
-            input_ids,
-            attention_mask,
-            labels,
-            self.config.image_token_id,
-            variants,
-            token_counts=before,
-            pad_token_id=0 if pad_id is None else pad_id,
-            row_format="padded",
-            padding_side=padding_side,
-        )
-        return batch.input_ids, batch.attention_mask, batch.labels
-
     @can_return_tuple
     def forward(
         self,
@@ -503,8 +463,8 @@ class MatryoshkaLlavaNextForConditionalGeneration(LlavaNextForConditionalGenerat
             if target == current:
                 ids, mask, scale_labels, positions = input_ids, attention_mask, labels, position_ids
             else:
-                ids, mask, scale_labels = self.relay_prompt(
-                    input_ids, attention_mask, labels, image_sizes, current, target
+                ids, mask, scale_labels = relay_prompt(
+                    self.config, input_ids, attention_mask, labels, image_sizes, current, target
                 )
                 positions = None
             features = self.model.pooled_features(tiles, image_sizes, target)
@@ -524,28 +484,6 @@ class MatryoshkaLlavaNextForConditionalGeneration(LlavaNextForConditionalGenerat
         return MatryoshkaLlavaNextCausalLMOutputWithPast(
             **{**kept, "loss": scale_losses.mean()}, matryoshka_scale_losses=scale_losses.detach()
         )
-
-    def budget_scales(self, image_sizes: Sequence[Sequence[int]], budget: int) -> list[int]:
-        """One trained scale for all images of a prompt: the largest whose tokens (newlines included) fit `budget`.
-
-        Raises:
-            ValueError: the budget is not an integer, or is too small for the smallest scale (the need is given).
-        """
-        budget = as_integer(budget, "visual_token_budget")
-        if not image_sizes:
-            return []
-        need = {
-            s: sum(self.config.num_image_tokens(size, s) for size in image_sizes)
-            for s in self.config.matryoshka_scales
-        }
-        fitting = [s for s, n in need.items() if n <= budget]
-        if not fitting:
-            smallest = min(need)
-            raise ValueError(
-                f"A visual token budget of {budget} cannot hold these {len(image_sizes)} image(s): the smallest scale "
-                f"({smallest} per tile) needs {need[smallest]} tokens. Raise the budget or pass fewer images/frames."
-            )
-        return [max(fitting)] * len(image_sizes)
 
     @torch.no_grad()
     def generate(
@@ -599,7 +537,7 @@ class MatryoshkaLlavaNextForConditionalGeneration(LlavaNextForConditionalGenerat
             counts = [self.config.num_image_tokens(size, s) for size, s in zip(sizes, current)]
             target, k = [], 0
             for row in split_image_occurrences(mask, len(sizes), counts):
-                target += self.budget_scales(sizes[k : k + len(row)], visual_token_budget)
+                target += self.config.budget_scales(sizes[k : k + len(row)], visual_token_budget)
                 k += len(row)
         else:
             target = current
@@ -609,8 +547,15 @@ class MatryoshkaLlavaNextForConditionalGeneration(LlavaNextForConditionalGenerat
             kwargs["mm_encoder_outputs"] = {**(kwargs.get("mm_encoder_outputs") or {}), "image": encoded}
         if target == current:
             return super().generate(input_ids, *args, **kwargs)
-        ids, mask, _ = self.relay_prompt(
-            input_ids, kwargs.get("attention_mask"), None, image_sizes, current, target, padding_side="left"
+        ids, mask, _ = relay_prompt(
+            self.config,
+            input_ids,
+            kwargs.get("attention_mask"),
+            None,
+            image_sizes,
+            current,
+            target,
+            padding_side="left",
         )
         kwargs["attention_mask"] = mask
         output = super().generate(ids, *args, **kwargs)

@@ -1,4 +1,5 @@
-"""Training batches of Matryoshka-LLaVA-NeXT for a loss computed outside the model (TRL's `SFTTrainer`).
+"""Matryoshka-LLaVA-NeXT prompts re-laid at other scales: one scale per call (`relay_prompt`, used by `generate` and
+the all-scale loss), or every trained scale for a loss computed outside the model (TRL's `SFTTrainer`).
 
 The model computes the all-scale objective itself when it gets `labels` (one LLM pass per scale, the official loop).
 A trainer that scores the logits outside the model (TRL's fused LM head, `CommSFTTrainer.answer_token_loss`) calls it
@@ -14,11 +15,55 @@ torch only (and the M3 helpers), so that it can ship as remote code.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from .packing_matryoshka import _as_list, build_scale_batch, split_image_occurrences
+
+
+def relay_prompt(
+    config: Any,
+    input_ids: torch.LongTensor,
+    attention_mask: torch.Tensor | None,
+    labels: torch.LongTensor | None,
+    image_sizes: torch.Tensor,
+    current: Sequence[int],
+    target: Sequence[int],
+    padding_side: str = "right",
+):
+    """Rewrites every image's placeholder run from its tokens at the `current` scales (tokens per tile, one per image)
+    to the `target` scales, e.g. for `generate(..., matryoshka_scale=S)` or one scale of the all-scale loss.
+
+    Returns:
+        `(input_ids, attention_mask, labels)` of the re-laid batch (`labels` `None` when not given; image
+        positions -100).
+    """
+    sizes = [[int(v) for v in size] for size in image_sizes]
+    before = [config.num_image_tokens(size, s) for size, s in zip(sizes, current)]
+    after = [config.num_image_tokens(size, s) for size, s in zip(sizes, target)]
+    mask = input_ids == config.image_token_id
+    if attention_mask is not None:
+        mask &= attention_mask.bool()
+    rows = split_image_occurrences(mask, len(sizes), before)
+    variants, k = [], 0
+    for row in rows:
+        variants.append([after[k : k + len(row)]])
+        k += len(row)
+    pad_id = config.text_config.pad_token_id
+    batch = build_scale_batch(
+        input_ids,
+        attention_mask,
+        labels,
+        config.image_token_id,
+        variants,
+        token_counts=before,
+        pad_token_id=0 if pad_id is None else pad_id,
+        row_format="padded",
+        padding_side=padding_side,
+    )
+    return batch.input_ids, batch.attention_mask, batch.labels
 
 
 def relay_next_training_batch(config: Any, batch: dict, training: bool = True) -> dict:
@@ -89,4 +134,4 @@ def relay_next_training_batch(config: Any, batch: dict, training: bool = True) -
     return out
 
 
-__all__ = ["relay_next_training_batch"]
+__all__ = ["relay_next_training_batch", "relay_prompt"]
