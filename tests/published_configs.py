@@ -27,8 +27,9 @@ DINOV2_L = "facebook/dinov2-large"
 DINOV2_B = "facebook/dinov2-base"
 VICUNA_7B = "lmsys/vicuna-7b-v1.5"
 LLAVA_15_7B = "llava-hf/llava-1.5-7b-hf"
+LLAVA_NEXT_MISTRAL_7B = "llava-hf/llava-v1.6-mistral-7b-hf"
 SIGLIP_SO400M = "google/siglip-so400m-patch14-384"
-PUBLISHED_REPOS = (CLIP_L_336, DINOV2_L, DINOV2_B, VICUNA_7B, LLAVA_15_7B, SIGLIP_SO400M)
+PUBLISHED_REPOS = (CLIP_L_336, DINOV2_L, DINOV2_B, VICUNA_7B, LLAVA_15_7B, LLAVA_NEXT_MISTRAL_7B, SIGLIP_SO400M)
 
 # The resolution every COMM encoder runs at: CLIP ViT-L/14-336's, 24x24 patches.
 COMM_IMAGE_SIZE = 336

@@ -17,8 +17,10 @@ from transformers import (
     LlavaNextProcessor,
 )
 
-from comm_vlm.convert import convert_checkpoint
+from comm_vlm.convert import _rename_llava_hf, convert_checkpoint
 from comm_vlm.families import anyres_image_processor
+from comm_vlm.models.configuration_matryoshka_next import MatryoshkaLlavaNextConfig
+from comm_vlm.models.modeling_matryoshka_next import MatryoshkaLlavaNextForConditionalGeneration
 from comm_vlm.testing import IMAGE_TOKEN_ID, build_tiny_tokenizer, tiny_image_processor, tiny_next_config
 
 
@@ -192,3 +194,65 @@ def test_derivation_between_branch_families_refuses_anyres_checkpoints(tmp_path)
     with pytest.raises(ValueError, match="--to matryoshka_llava_next"):
         convert_checkpoint(tmp_path / "comm", tmp_path / "b", "comm-vlm", "matryoshka_llava_next")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def published_next_fields() -> dict:
+    """llava-hf/llava-v1.6-mistral-7b-hf's config.json (tests/fixtures/published_configs)."""
+    from pathlib import Path
+
+    path = Path(__file__).parent / "fixtures" / "published_configs" / "llava-hf--llava-v1.6-mistral-7b-hf.json"
+    return json.loads(path.read_text())
+
+
+def test_published_llava_next_config_converts_with_identical_logits(tmp_path):
+    """The published config's fields (Mistral LLM, 336 px tiles on the five pinpoints, image token 32000, vocabulary
+    32064), widths and depths shrunk so that random weights fit a test; the real 24x24 grid per tile."""
+    from transformers import LlavaNextConfig
+
+    fields = published_next_fields()
+    fields["text_config"].update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    fields["text_config"].update(num_key_value_heads=2)
+    fields["vision_config"].update(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    # as published, the text config says bfloat16: transformers builds that LLM in bfloat16 next to a float32 tower;
+    # the conversion keeps every value (upcast to float32)
+    torch.manual_seed(0)
+    mixed = LlavaNextForConditionalGeneration(LlavaNextConfig(**fields))
+    mixed.save_pretrained(tmp_path / "mixed")
+    convert_checkpoint(tmp_path / "mixed", tmp_path / "mixed-out", "llava-hf", "matryoshka_llava_next")
+    source, converted = (
+        load_file(tmp_path / "mixed" / "model.safetensors"),
+        load_file(tmp_path / "mixed-out" / "model.safetensors"),
+    )
+    assert {t.dtype for t in source.values()} == {torch.float32, torch.bfloat16}
+    assert {t.dtype for t in converted.values()} == {torch.float32}
+    llm = {_rename_llava_hf(k): t for k, t in source.items() if t.dtype == torch.bfloat16}
+    assert llm and all(torch.equal(converted[k], t.float()) for k, t in llm.items())
+
+    fields["text_config"].pop("torch_dtype")  # one precision, so that the logits can be compared bit for bit
+    reference = LlavaNextForConditionalGeneration(LlavaNextConfig(**fields)).eval()
+    reference.save_pretrained(tmp_path / "src")
+    saved = json.loads((tmp_path / "src" / "config.json").read_text())
+    assert saved["model_type"] == "llava_next" and saved["image_grid_pinpoints"] == fields["image_grid_pinpoints"]
+    convert_checkpoint(tmp_path / "src", tmp_path / "dst", "llava-hf", "matryoshka_llava_next")
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "dst").eval()
+    assert model.config.text_config.model_type == "mistral" and model.config.matryoshka_scales == [1, 9, 36, 144, 576]
+    image_processor = anyres_image_processor(model.config)
+    for size in [(480, 640), (1000, 300)]:
+        pixels = image_processor(picture(size), return_tensors="pt")
+        tokens = model.config.num_image_tokens(size)  # 2,340 and 2,232 at 576 per tile
+        ids = torch.tensor([[1, 733, 16289, 28793] + [32000] * tokens + [13, 28705, 733]])
+        with torch.no_grad():
+            expected = reference(input_ids=ids, **pixels).logits
+            assert torch.equal(model(input_ids=ids, **pixels).logits, expected)
+
+
+def test_published_llava_next_parameter_count_is_llava_next():
+    from transformers import LlavaNextConfig
+
+    fields = published_next_fields()
+    with torch.device("meta"):
+        ours = MatryoshkaLlavaNextForConditionalGeneration(MatryoshkaLlavaNextConfig(**fields))
+        theirs = LlavaNextForConditionalGeneration(LlavaNextConfig(**fields))
+    count = sum(p.numel() for p in ours.parameters())
+    assert count == sum(p.numel() for p in theirs.parameters())
+    assert 7.5e9 < count < 7.6e9  # Mistral-7B (32064 tokens) + CLIP-L/14-336 + projector + image_newline

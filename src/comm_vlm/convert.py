@@ -527,7 +527,10 @@ def convert_checkpoint(
         if (source / "generation_config.json").is_file():
             shutil.copyfile(source / "generation_config.json", staging / "generation_config.json")
         save_file({k: v.contiguous() for k, v in state_dict.items()}, staging / "model.safetensors", {"format": "pt"})
-        dtype = state_dict["model.language_model.embed_tokens.weight"].dtype
+        dtypes = {v.dtype for v in state_dict.values() if v.is_floating_point()}
+        dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32  # mixed precisions: upcast, lose nothing
+        if dtypes:
+            logger.warning(f"{source} mixes {sorted(map(str, dtypes | {dtype}))} weights; the output is float32.")
         model = model_class.from_pretrained(staging, dtype=dtype).eval()
         files = save_for_hub_into(model, output, processor, card=card, max_shard_size=max_shard_size, workdir=workdir)
     finally:
