@@ -81,6 +81,22 @@ def anyres_token_count(
     return side * side + height * (width + 1)
 
 
+def largest_fitting_scale(need: dict[int, int], budget: int, num_images: int) -> int:
+    """The largest scale whose tokens fit `budget`, given `need` (scale -> tokens of a prompt's `num_images` images).
+
+    Raises:
+        ValueError: even the smallest scale needs more than `budget` (the need is given).
+    """
+    fitting = [s for s, n in need.items() if n <= budget]
+    if not fitting:
+        smallest = min(need)
+        raise ValueError(
+            f"A visual token budget of {budget} cannot hold these {num_images} image(s): the smallest scale "
+            f"({smallest} per tile) needs {need[smallest]} tokens. Raise the budget or pass fewer images/frames."
+        )
+    return max(fitting)
+
+
 class MatryoshkaLlavaNextConfig(LlavaNextConfig):
     r"""
     Configuration of [`MatryoshkaLlavaNextForConditionalGeneration`]: transformers' [`LlavaNextConfig`] (every field
@@ -150,14 +166,27 @@ class MatryoshkaLlavaNextConfig(LlavaNextConfig):
         if not image_sizes:
             return []
         need = {s: sum(self.num_image_tokens(size, s) for size in image_sizes) for s in self.matryoshka_scales}
-        fitting = [s for s, n in need.items() if n <= budget]
-        if not fitting:
-            smallest = min(need)
+        return [largest_fitting_scale(need, budget, len(image_sizes))] * len(image_sizes)
+
+    def placeholder_scale(self, num_placeholders: int, image_sizes: Sequence[Sequence[int]]) -> int:
+        """The one scale (tokens per tile) at which images of these (H, W) sizes take `num_placeholders` tokens in
+        all (a scale's count grows with the scale, so at most one matches; trained scales are tried first).
+
+        Raises:
+            ValueError: no single scale gives that many tokens (the count of every scale is listed).
+        """
+        sizes = [[int(v) for v in size] for size in image_sizes]
+        candidates = self.matryoshka_scales + [s for s in self.valid_scales() if s not in self.matryoshka_scales]
+        expected = {s: sum(self.num_image_tokens(size, s) for size in sizes) for s in candidates}
+        matching = [s for s, n in expected.items() if n == num_placeholders]
+        if not matching:
             raise ValueError(
-                f"A visual token budget of {budget} cannot hold these {len(image_sizes)} image(s): the smallest scale "
-                f"({smallest} per tile) needs {need[smallest]} tokens. Raise the budget or pass fewer images/frames."
+                f"The text has {num_placeholders} image tokens for {len(sizes)} image(s) of sizes {sizes}, which no "
+                f"single scale gives (tokens per scale: {expected}). Build the inputs with "
+                "MatryoshkaLlavaNextProcessor (it returns `matryoshka_image_scales`), or call "
+                "generate(..., matryoshka_scale=S)."
             )
-        return [max(fitting)] * len(image_sizes)
+        return matching[0]
 
     def check_fields(self) -> None:
         """Validates the Matryoshka fields against the tile grid; raises `ValueError` saying what to change."""
@@ -201,6 +230,7 @@ __all__ = [
     "MatryoshkaLlavaNextConfig",
     "anyres_tile_grid",
     "anyres_token_count",
+    "largest_fitting_scale",
     "official_unpadded_grid",
     "unpadded_grid",
 ]

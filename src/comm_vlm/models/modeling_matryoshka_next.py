@@ -43,8 +43,8 @@ from transformers.utils import can_return_tuple, logging
 
 from .configuration_matryoshka import as_integer
 from .configuration_matryoshka_next import MatryoshkaLlavaNextConfig, anyres_tile_grid
-from .packing_matryoshka import IGNORE_INDEX, _as_list, split_image_occurrences
-from .packing_matryoshka_next import relay_prompt
+from .packing_matryoshka import IGNORE_INDEX, _as_list
+from .packing_matryoshka_next import image_runs, relay_prompt
 from .pooling_matryoshka import select_visual_tokens
 from .scale_selector_matryoshka import auto_image_scales, build_scale_selector, is_auto_scale, refuse_auto_in_forward
 
@@ -205,18 +205,7 @@ class MatryoshkaLlavaNextModel(LlavaNextModel):
             scales = [self.config.matryoshka_default_scale] * len(sizes)
         else:
             total = int((input_ids == self.config.image_token_id).sum())
-            candidates = self.config.matryoshka_scales + [
-                s for s in self.config.valid_scales() if s not in self.config.matryoshka_scales
-            ]
-            expected = {s: sum(self.config.num_image_tokens(size, s) for size in sizes) for s in candidates}
-            matching = [s for s, n in expected.items() if n == total]
-            if not matching:
-                raise ValueError(
-                    f"The text has {total} image tokens for {len(sizes)} image(s) of sizes {sizes}, which no single "
-                    f"scale gives (tokens per scale: {expected}). Build the inputs with MatryoshkaLlavaNextProcessor "
-                    "(it returns `matryoshka_image_scales`), or call generate(..., matryoshka_scale=S)."
-                )
-            scales = [matching[0]] * len(sizes)
+            scales = [self.config.placeholder_scale(total, sizes)] * len(sizes)
         for scale in set(scales):
             self.config.check_scale(scale)
             if scale not in self.config.matryoshka_scales:
@@ -516,29 +505,22 @@ class MatryoshkaLlavaNextForConditionalGeneration(LlavaNextForConditionalGenerat
             raise ValueError("Pass either matryoshka_scale or visual_token_budget, not both.")
         current = self.model.image_scales_for(input_ids, image_sizes, None, kwargs.get("matryoshka_image_scales"))
         sizes = [[int(v) for v in size] for size in image_sizes]
-        encoded = None
-        if is_auto_scale(matryoshka_scale):  # encode once: the selector reads the base views, the tiles are pooled
+        auto, encoded = is_auto_scale(matryoshka_scale), None
+        if auto or visual_token_budget is not None:  # both choose per row
+            _, per_row = image_runs(self.config, input_ids, kwargs.get("attention_mask"), sizes, current)
+        if auto:  # encode once: the selector reads the base views, the tiles are pooled
             options = ("vision_feature_layer", "vision_feature_select_strategy")
             tiles, _ = self.model.encode_tiles(pixel_values, image_sizes, *(kwargs.pop(k, None) for k in options))
-            mask = input_ids == self.config.image_token_id
-            if kwargs.get("attention_mask") is not None:
-                mask &= kwargs["attention_mask"].bool()
-            counts = [self.config.num_image_tokens(size, s) for size, s in zip(sizes, current)]
-            per_row = [len(row) for row in split_image_occurrences(mask, len(sizes), counts)]
             base_views = torch.stack([image_tiles[0] for image_tiles in tiles])  # (num_images, g * g, D)
             target = auto_image_scales(self, input_ids, kwargs.get("attention_mask"), base_views, per_row)
             encoded = BaseModelOutputWithPooling(pooler_output=self.model.pooled_features(tiles, image_sizes, target))
         elif matryoshka_scale is not None:
             target = self.model.image_scales_for(None, image_sizes, matryoshka_scale)
         elif visual_token_budget is not None:
-            mask = input_ids == self.config.image_token_id
-            if kwargs.get("attention_mask") is not None:
-                mask &= kwargs["attention_mask"].bool()
-            counts = [self.config.num_image_tokens(size, s) for size, s in zip(sizes, current)]
             target, k = [], 0
-            for row in split_image_occurrences(mask, len(sizes), counts):
-                target += self.config.budget_scales(sizes[k : k + len(row)], visual_token_budget)
-                k += len(row)
+            for n in per_row:
+                target += self.config.budget_scales(sizes[k : k + n], visual_token_budget)
+                k += n
         else:
             target = current
         kwargs["matryoshka_image_scales"] = torch.tensor(target, dtype=torch.long, device=input_ids.device)

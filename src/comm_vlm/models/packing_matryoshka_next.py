@@ -23,6 +23,29 @@ import torch
 from .packing_matryoshka import _as_list, build_scale_batch, split_image_occurrences
 
 
+def image_runs(
+    config: Any,
+    input_ids: torch.LongTensor,
+    attention_mask: torch.Tensor | None,
+    image_sizes: Sequence[Sequence[int]],
+    scales: Sequence[int],
+) -> tuple[list[int], list[int]]:
+    """The placeholder tokens of every image at its scale, and how many images each row holds.
+
+    Args:
+        config ([`MatryoshkaLlavaNextConfig`]), input_ids (`(B, T)`), attention_mask (`(B, T)`, optional): the batch.
+        image_sizes: original (H, W) of every image, in order; scales: tokens per tile of every image.
+
+    Raises:
+        ValueError: the placeholder runs cannot be split into those images (see `split_image_occurrences`).
+    """
+    counts = [config.num_image_tokens(size, s) for size, s in zip(image_sizes, scales)]
+    mask = input_ids == config.image_token_id
+    if attention_mask is not None:
+        mask &= attention_mask.bool()
+    return counts, [len(row) for row in split_image_occurrences(mask, len(counts), counts)]
+
+
 def relay_prompt(
     config: Any,
     input_ids: torch.LongTensor,
@@ -41,16 +64,12 @@ def relay_prompt(
         positions -100).
     """
     sizes = [[int(v) for v in size] for size in image_sizes]
-    before = [config.num_image_tokens(size, s) for size, s in zip(sizes, current)]
+    before, per_row = image_runs(config, input_ids, attention_mask, sizes, current)
     after = [config.num_image_tokens(size, s) for size, s in zip(sizes, target)]
-    mask = input_ids == config.image_token_id
-    if attention_mask is not None:
-        mask &= attention_mask.bool()
-    rows = split_image_occurrences(mask, len(sizes), before)
     variants, k = [], 0
-    for row in rows:
-        variants.append([after[k : k + len(row)]])
-        k += len(row)
+    for n in per_row:
+        variants.append([after[k : k + n]])
+        k += n
     pad_id = config.text_config.pad_token_id
     batch = build_scale_batch(
         input_ids,
@@ -86,26 +105,13 @@ def relay_next_training_batch(config: Any, batch: dict, training: bool = True) -
     current = _as_list(batch.get("matryoshka_image_scales"))
     input_ids, attention_mask = batch["input_ids"], batch.get("attention_mask")
     if current is None:  # the one scale whose token count matches the placeholders
-        total = int((input_ids == config.image_token_id).sum())
-        matching = [
-            s for s in config.valid_scales() if sum(config.num_image_tokens(size, s) for size in sizes) == total
-        ]
-        if not matching:
-            raise ValueError(
-                f"The batch has {total} image tokens for images of sizes {sizes}, which no single scale gives; build "
-                "it with MatryoshkaLlavaNextProcessor (it returns `matryoshka_image_scales`)."
-            )
-        current = [matching[0]] * len(sizes)
-    counts = [config.num_image_tokens(size, s) for size, s in zip(sizes, current)]
-    mask = input_ids == config.image_token_id
-    if attention_mask is not None:
-        mask &= attention_mask.bool()
-    rows = split_image_occurrences(mask, len(sizes), counts)
+        current = [config.placeholder_scale(int((input_ids == config.image_token_id).sum()), sizes)] * len(sizes)
+    counts, per_row = image_runs(config, input_ids, attention_mask, sizes, current)
     scales = list(config.matryoshka_scales)
     variants, run_scales, k = [], [], 0
-    for row in rows:
-        images = list(range(k, k + len(row)))
-        k += len(row)
+    for n in per_row:
+        images = list(range(k, k + n))
+        k += n
         sample_scales = (
             [random.choice(scales)] if training and config.matryoshka_training_mode == "random_scale" else scales
         )
@@ -134,4 +140,4 @@ def relay_next_training_batch(config: Any, batch: dict, training: bool = True) -
     return out
 
 
-__all__ = ["relay_next_training_batch", "relay_prompt"]
+__all__ = ["image_runs", "relay_next_training_batch", "relay_prompt"]

@@ -28,6 +28,7 @@ from transformers.image_processing_utils import select_best_resolution
 from transformers.processing_utils import ImagesKwargs, MultiModalData, ProcessingKwargs
 
 from .configuration_matryoshka import AUTO_SCALE, as_integer, check_matryoshka_scale, default_matryoshka_scales
+from .configuration_matryoshka_next import largest_fitting_scale
 from .image_utils import load_images
 
 
@@ -170,15 +171,7 @@ class MatryoshkaLlavaNextProcessor(LlavaNextProcessor):
             sizes = image_sizes[k : k + prompt.count(self.image_token)]
             k += len(sizes)
             need = {s: sum(self.num_image_tokens(size, s) for size in sizes) for s in self.matryoshka_scales}
-            fitting = [s for s, n in need.items() if n <= budget]
-            if not fitting:
-                smallest = min(need)
-                raise ValueError(
-                    f"A visual token budget of {budget} cannot hold a prompt's {len(sizes)} image(s): the "
-                    f"smallest scale ({smallest} per tile) needs {need[smallest]} tokens. Raise the budget or pass "
-                    "fewer images."
-                )
-            scales += [max(fitting)] * len(sizes)
+            scales += [largest_fitting_scale(need, budget, len(sizes))] * len(sizes)
         return scales
 
     def __call__(self, images: Any = None, text: Any = None, videos: Any = None, audio: Any = None, **kwargs: Any):
