@@ -85,6 +85,18 @@ def check_matryoshka_scale(
     return grid // side
 
 
+def resolve_scales(grid: int, scales: Sequence[int] | None, default: int | None) -> tuple[list[int], int]:
+    """A processor's scales and default scale for a `grid` x `grid` grid: `None` gives the paper's cascade and its
+    largest scale; each is validated (`check_matryoshka_scale`). Returns `(sorted scales, default)`."""
+    scales = default_matryoshka_scales(grid) if scales is None else list(scales)
+    for scale in scales:
+        check_matryoshka_scale(scale, grid, "matryoshka_scales")
+    scales = sorted({int(s) for s in scales})
+    default = scales[-1] if default is None else default
+    check_matryoshka_scale(default, grid, "matryoshka_default_scale")
+    return scales, int(default)
+
+
 def as_integer(value: object, name: str, allow_auto: bool = False) -> int | str:
     """`value` as an `int`: Python and NumPy integers and one-element integer tensors pass (`operator.index`).
 
@@ -320,6 +332,7 @@ __all__ = [
     "as_integer",
     "check_matryoshka_scale",
     "check_scale_selector",
+    "resolve_scales",
     "choose_image_scales",
     "default_matryoshka_scales",
     "valid_matryoshka_scales",

@@ -33,7 +33,7 @@ from .configuration_matryoshka import (
     as_integer,
     check_matryoshka_scale,
     choose_image_scales,
-    default_matryoshka_scales,
+    resolve_scales,
 )
 from .processing_comm import CommProcessor
 
@@ -88,13 +88,9 @@ class MatryoshkaLlavaProcessor(CommProcessor):
                 "(drop CLS tokens: vision_feature_select_strategy='default')."
             )
         self.grid = grid
-        scales = default_matryoshka_scales(grid) if matryoshka_scales is None else list(matryoshka_scales)
-        for scale in scales:
-            check_matryoshka_scale(scale, grid, "matryoshka_scales")
-        self.matryoshka_scales = sorted(set(scales))
-        default = self.matryoshka_scales[-1] if matryoshka_default_scale is None else matryoshka_default_scale
-        check_matryoshka_scale(default, grid, "matryoshka_default_scale")
-        self.matryoshka_default_scale = default
+        self.matryoshka_scales, self.matryoshka_default_scale = resolve_scales(
+            grid, matryoshka_scales, matryoshka_default_scale
+        )
 
     def image_token_counts(
         self,

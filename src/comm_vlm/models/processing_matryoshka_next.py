@@ -27,7 +27,7 @@ from transformers import LlavaNextProcessor
 from transformers.image_processing_utils import select_best_resolution
 from transformers.processing_utils import ImagesKwargs, MultiModalData, ProcessingKwargs
 
-from .configuration_matryoshka import AUTO_SCALE, as_integer, check_matryoshka_scale, default_matryoshka_scales
+from .configuration_matryoshka import AUTO_SCALE, as_integer, check_matryoshka_scale, resolve_scales
 from .configuration_matryoshka_next import largest_fitting_scale
 from .image_utils import load_images
 
@@ -117,14 +117,9 @@ class MatryoshkaLlavaNextProcessor(LlavaNextProcessor):
         )
         if patch_size is None:
             raise ValueError("MatryoshkaLlavaNextProcessor needs the vision encoder's `patch_size` (14 for CLIP-L).")
-        grid = self.tile_size // patch_size
-        scales = default_matryoshka_scales(grid) if matryoshka_scales is None else list(matryoshka_scales)
-        for scale in scales:
-            check_matryoshka_scale(scale, grid, "matryoshka_scales")
-        self.matryoshka_scales = sorted({int(s) for s in scales})
-        default = self.matryoshka_scales[-1] if matryoshka_default_scale is None else matryoshka_default_scale
-        check_matryoshka_scale(default, grid, "matryoshka_default_scale")
-        self.matryoshka_default_scale = int(default)
+        self.matryoshka_scales, self.matryoshka_default_scale = resolve_scales(
+            self.tile_size // patch_size, matryoshka_scales, matryoshka_default_scale
+        )
 
     @property
     def tile_size(self) -> int:
